@@ -1,0 +1,178 @@
+"""In-process fan-out of live events to the subscribers of each session, through bounded buffers.
+
+This is the hot path of delivery: one ``publish`` per event reaches every subscriber of that session (and only
+those), doing O(1) work for each: one list append and, when its reader is parked, one wake-up. Nothing is encoded
+here; every subscriber receives the same :class:`StoredEvent`, whose SSE frame was made once at append.
+
+Everything runs on one event loop: ``publish``, ``subscribe``, ``close`` and ``next_batch`` must be called from the
+loop that owns the broker (no locks, no thread hops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from service.domain.events import StoredEvent
+
+SLOW_CLIENT = "slow_client"
+"""The ``close_reason`` of a subscription whose buffer overflowed."""
+
+
+class BufferedSubscription:
+    """One reader's live events of one session, at most ``buffer_size`` pending (implements ``Subscription``).
+
+    ``next_batch`` waits until at least one event is pending or the subscription is closed, then returns every
+    pending event in id order.
+
+    Closing, the two ways:
+
+    - ``close(reason)`` (the reader leaves, the server drains): events already pending are still returned by the
+      following ``next_batch`` calls; once they are drained, ``next_batch`` returns ``[]`` at once and for ever.
+    - overflow: when ``buffer_size`` events are pending and one more arrives, all pending events and the new one
+      are dropped and counted in ``dropped``, ``close_reason`` becomes ``"slow_client"`` and the subscription
+      closes; ``next_batch`` returns ``[]`` at once. The reader recovers what it missed from the event log (its
+      last delivered id is the resume point), which is why nothing of the lost run is kept: a partial batch would
+      only make the reader write events it must then re-read.
+
+    Either way the subscription leaves its broker, so no further event reaches it. One reader at a time: a second
+    concurrent ``next_batch`` raises ``RuntimeError``.
+    """
+
+    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_on_close", "_pending", "_waiter",
+                 "session_id")
+
+    def __init__(self, session_id: str, buffer_size: int,
+                 on_close: Callable[[BufferedSubscription], None] | None = None) -> None:
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        self.session_id = session_id
+        self._buffer_size = buffer_size
+        self._on_close = on_close
+        # A list, not a deque: the reader takes the whole run at once by swapping lists, so no copy is made, and
+        # appends are amortised O(1) just the same.
+        self._pending: list[StoredEvent] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._close_reason: str | None = None
+        self._dropped = 0
+
+    @property
+    def close_reason(self) -> str | None:
+        """None while open; the reason given to ``close``, or ``"slow_client"`` after an overflow."""
+        return self._close_reason
+
+    @property
+    def dropped(self) -> int:
+        """Events this subscription lost to overflow."""
+        return self._dropped
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Events waiting for the reader."""
+        return len(self._pending)
+
+    async def next_batch(self) -> list[StoredEvent]:
+        if not self._pending and not self._closed:
+            if self._waiter is not None:
+                raise RuntimeError("a subscription has one reader at a time")
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        batch, self._pending = self._pending, []
+        return batch
+
+    def close(self, reason: str = "closed") -> None:
+        """Stop receiving events; pending ones stay readable (see the class docstring). Idempotent."""
+        if self._mark_closed(reason) and self._on_close is not None:
+            self._on_close(self)
+
+    def _deliver(self, event: StoredEvent) -> bool:
+        """Queue one event (broker only). False when this overflowed it: the caller then unsubscribes it."""
+        if self._closed:
+            return True
+        pending = self._pending
+        if len(pending) >= self._buffer_size:
+            self._dropped += len(pending) + 1
+            self._pending = []
+            self._mark_closed(SLOW_CLIENT)
+            return False
+        pending.append(event)
+        waiter = self._waiter
+        # Only the first event after the reader parked costs a wake-up; later ones find the future done.
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def _mark_closed(self, reason: str) -> bool:
+        if self._closed:
+            return False
+        self._closed = True
+        self._close_reason = reason
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+
+class MemoryBroker:
+    """Live events of each session to that session's subscribers, within one process.
+
+    ``publish`` never waits and never fails because of a reader: a reader that falls ``buffer_size`` events behind
+    is cut off (see :class:`BufferedSubscription`). Events published while nobody subscribes are not kept; the
+    event log is what replays them.
+    """
+
+    def __init__(self) -> None:
+        # A dict per session keeps subscription order (deterministic delivery order) with O(1) removal.
+        self._by_session: dict[str, dict[BufferedSubscription, None]] = {}
+
+    def publish(self, event: StoredEvent) -> None:
+        """Hand ``event`` to every open subscription of ``event.session_id``."""
+        subscribers = self._by_session.get(event.session_id)
+        if not subscribers:
+            return
+        overflowed: list[BufferedSubscription] | None = None
+        for subscription in subscribers:
+            if not subscription._deliver(event):
+                # Removed after the loop: the dict must not change while it is being iterated.
+                if overflowed is None:
+                    overflowed = []
+                overflowed.append(subscription)
+        if overflowed is not None:
+            for subscription in overflowed:
+                self._remove(subscription)
+
+    def subscribe(self, session_id: str, buffer_size: int) -> BufferedSubscription:
+        """A new subscription to the events of ``session_id`` published from now on."""
+        subscription = BufferedSubscription(session_id, buffer_size, self._remove)
+        self._by_session.setdefault(session_id, {})[subscription] = None
+        return subscription
+
+    def close_all(self, reason: str) -> None:
+        """Close every open subscription with ``reason``; their readers drain what is pending, then end."""
+        by_session, self._by_session = self._by_session, {}
+        for subscribers in by_session.values():
+            for subscription in subscribers:
+                subscription.close(reason)
+
+    def subscriber_count(self, session_id: str | None = None) -> int:
+        """Open subscriptions of one session, or of all sessions when ``session_id`` is None."""
+        if session_id is not None:
+            return len(self._by_session.get(session_id, ()))
+        return sum(len(subscribers) for subscribers in self._by_session.values())
+
+    def _remove(self, subscription: BufferedSubscription) -> None:
+        subscribers = self._by_session.get(subscription.session_id)
+        if subscribers is None:
+            return
+        subscribers.pop(subscription, None)
+        if not subscribers:
+            del self._by_session[subscription.session_id]

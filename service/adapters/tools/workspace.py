@@ -1,0 +1,50 @@
+"""Paths the model names, held inside the session's workspace folder.
+
+This is a guard against the model wandering off by mistake (``../``, ``/etc``, a symlink to elsewhere), not
+a sandbox: the bash tool can reach anything the server's user can, and a path checked here could be
+re-pointed by a command before it is used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from service.domain.tools import ToolError
+
+
+def resolve_in_workspace(workspace: Path, relative: str) -> Path:
+    """The real path of ``relative`` inside ``workspace``; ``"."`` is the workspace itself.
+
+    Raises :class:`ToolError`, with a message the model can act on, for an empty path, an absolute one, one
+    with a ``..`` component, and one whose real path (symbolic links followed, through the nearest existing
+    parent for a file not yet created) is outside the workspace. The path need not exist. The result is
+    absolute with every symbolic link resolved, so it can be shown with :func:`workspace_relative`.
+    """
+    if not relative.strip():
+        raise ToolError("the path is empty; use '.' for the workspace itself")
+    if "\x00" in relative:
+        raise ToolError("the path contains a NUL character")
+    candidate = PurePosixPath(relative)
+    if candidate.is_absolute():
+        raise ToolError(f"{relative!r} is an absolute path; give a path relative to the workspace")
+    if ".." in candidate.parts:
+        raise ToolError(f"{relative!r} contains '..'; paths must stay inside the workspace")
+    try:
+        root = workspace.resolve()
+        # resolve() follows every link that exists along the way, dangling ones included, and keeps the
+        # not-yet-existing rest as written: that is the parent-chain check for files about to be created.
+        target = root.joinpath(*candidate.parts).resolve()
+    except RuntimeError:  # pathlib's report of a symbolic link loop
+        raise ToolError(f"{relative!r} goes through a symbolic link loop") from None
+    except OSError as exc:
+        raise ToolError(f"cannot resolve {relative!r}: {exc.strerror or exc}") from None
+    if target != root and root not in target.parents:
+        raise ToolError(f"{relative!r} leads outside the workspace (through a symbolic link)")
+    return target
+
+
+def workspace_relative(workspace: Path, path: Path) -> str:
+    """``path`` (a result of :func:`resolve_in_workspace`) as the model would write it: relative, ``"."`` for
+    the workspace itself."""
+    relative = path.relative_to(workspace.resolve()).as_posix()
+    return relative or "."

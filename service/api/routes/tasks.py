@@ -1,0 +1,57 @@
+"""Submit, inspect and cancel tasks."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.api.deps import RunnerDep, SessionReader, TaskWriter
+from service.api.problems import ApiError
+from service.api.schemas import Problem, TaskAccepted, TaskCreate, TaskView
+
+router = APIRouter(prefix="/api/tasks", tags=["tasks"])
+
+_PROBLEMS: dict[int | str, dict[str, object]] = {
+    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404)
+}
+
+
+async def require_json(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "the request body must be application/json")
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TaskAccepted,
+    dependencies=[Depends(require_json)],
+    responses={**_PROBLEMS, 409: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem},
+               429: {"model": Problem}, 503: {"model": Problem}},
+)
+async def submit_task(body: TaskCreate, principal: TaskWriter, runner: RunnerDep) -> JSONResponse:
+    """Start a task in a session (new or existing); it runs in the background. Follow it on ``/api/sse``."""
+    task = await runner.submit(principal, body.task, body.session_id)
+    accepted = TaskAccepted(
+        session_id=task.session_id,
+        task_id=task.id,
+        message="Task is being executed. Connect to the SSE endpoint to receive events.",
+    )
+    return JSONResponse(accepted.model_dump(), status_code=202,
+                        headers={"Location": f"/api/tasks/{task.id}"})
+
+
+@router.get("/{task_id}", response_model=TaskView, responses=_PROBLEMS)
+async def get_task(task_id: str, principal: SessionReader, runner: RunnerDep) -> TaskView:
+    """The task's status and, once finished, its answer, iterations, usage and error."""
+    task = await runner.get(principal, task_id)
+    return TaskView.model_validate(task.to_dict())
+
+
+@router.post("/{task_id}/cancel", status_code=202, response_model=TaskView,
+             responses={**_PROBLEMS, 409: {"model": Problem}})
+async def cancel_task(task_id: str, principal: TaskWriter, runner: RunnerDep) -> TaskView:
+    """Stop a queued or running task (idempotent). A finished task answers 409."""
+    task = await runner.cancel(principal, task_id)
+    return TaskView.model_validate(task.to_dict())

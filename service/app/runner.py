@@ -1,0 +1,250 @@
+"""TaskRunner: takes tasks, runs each detached from any HTTP connection, cancels them, and drains at shutdown.
+
+A task belongs to its session's owner. One task runs per session at a time; a subject runs at most
+``max_tasks_per_client`` at once. A task's life: ``queued`` → ``running`` → ``completed`` | ``failed`` |
+``cancelled`` | ``interrupted`` (the server stopped under it). Every step is an event in the session's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from service.app.access import Principal, claim_session
+from service.app.ports import EventLog, SessionStore
+from service.app.stream import LogSink
+from service.app.workspaces import Workspaces
+from service.domain.engine import Outcome, ReactEngine, TaskRequest, TaskResult
+from service.domain.errors import Conflict, Invalid, LimitExceeded, NotFound, Unavailable
+from service.domain.events import ErrorEvent, TaskCancelled, utc_now
+from service.domain.llm import Message
+from service.domain.models import Task, TaskStatus, Todo, new_session_id, new_task_id
+
+log = structlog.get_logger("service.runner")
+
+INTERRUPTED_BY_RESTART = "the server stopped while the task ran"
+INTERRUPTED_BY_SHUTDOWN = "the server shut down before the task finished"
+
+
+class SessionTodoList:
+    """The todo tools' view of a session's todos, kept in the session store."""
+
+    def __init__(self, store: SessionStore, session_id: str) -> None:
+        self._store = store
+        self._session_id = session_id
+
+    async def read(self) -> list[Todo]:
+        return await self._store.get_todos(self._session_id)
+
+    async def write(self, todos: Sequence[Todo]) -> None:
+        await self._store.set_todos(self._session_id, todos)
+
+
+@dataclass(slots=True)
+class _Handle:
+    task: Task
+    job: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    interrupted: bool = False
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        store: SessionStore,
+        events: EventLog,
+        engine: ReactEngine,
+        workspaces: Workspaces,
+        *,
+        max_task_chars: int,
+        max_tasks_per_client: int,
+        new_trace_id: Callable[[], str] = lambda: secrets.token_hex(16),
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._engine = engine
+        self._workspaces = workspaces
+        self._max_task_chars = max_task_chars
+        self._max_tasks_per_client = max_tasks_per_client
+        self._new_trace_id = new_trace_id
+        self._handles: dict[str, _Handle] = {}
+        self._by_session: dict[str, str] = {}
+        self._draining = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def running_count(self) -> int:
+        return len(self._handles)
+
+    async def recover(self) -> list[Task]:
+        """Mark the tasks a crash left ``queued`` or ``running`` as ``interrupted``; their streams get an error."""
+        tasks = await self._store.interrupt_unfinished_tasks(INTERRUPTED_BY_RESTART)
+        for task in tasks:
+            await self._events.append(
+                ErrorEvent(
+                    session_id=task.session_id,
+                    task_id=task.id,
+                    trace_id=task.trace_id,
+                    error=INTERRUPTED_BY_RESTART,
+                    recoverable=False,
+                )
+            )
+            log.warning("task_interrupted", task_id=task.id, session_id=task.session_id, reason="restart")
+        return tasks
+
+    async def submit(self, principal: Principal, text: str, session_id: str | None = None) -> Task:
+        """Store a task and start it; returns at once with the task ``queued`` (it runs in the background)."""
+        if self._draining:
+            raise Unavailable("the server is shutting down; submit the task again (to another replica)")
+        if not text.strip():
+            raise Invalid("task must not be empty")
+        if len(text) > self._max_task_chars:
+            raise Invalid(f"task is longer than {self._max_task_chars} characters")
+        session = await claim_session(self._store, principal, session_id or new_session_id())
+        if session.id in self._by_session:
+            raise Conflict(f"session {session.id!r} is running task {self._by_session[session.id]}; "
+                           "wait for it or cancel it")
+        owned = sum(1 for h in self._handles.values() if h.task.owner == principal.subject)
+        if owned >= self._max_tasks_per_client:
+            raise LimitExceeded(f"{owned} tasks are running for this client (ALEX_MAX_TASKS_PER_CLIENT)")
+        task = Task(id=new_task_id(), session_id=session.id, owner=principal.subject, text=text,
+                    trace_id=self._new_trace_id())
+        handle = _Handle(task)
+        # Reserved before the first await below so that a concurrent submit on this session sees it.
+        self._handles[task.id] = handle
+        self._by_session[session.id] = task.id
+        try:
+            await self._store.create_task(task)
+        except BaseException:
+            self._release(handle)
+            raise
+        handle.job = asyncio.create_task(self._execute(handle), name=f"task {task.id}")
+        log.info("task_submitted", task_id=task.id, session_id=session.id, subject=principal.subject)
+        return task
+
+    async def get(self, principal: Principal, task_id: str) -> Task:
+        task = await self._store.get_task(task_id)
+        if task is None or (task.owner != principal.subject and not principal.is_admin):
+            raise NotFound(f"task {task_id!r} not found")
+        return task
+
+    async def cancel(self, principal: Principal, task_id: str, reason: str = "cancelled by the client") -> Task:
+        """Ask a queued or running task to stop; idempotent while it stops. A finished task is a :class:`Conflict`."""
+        task = await self._store.get_task(task_id)
+        if task is None or task.owner != principal.subject:
+            raise NotFound(f"task {task_id!r} not found")
+        handle = self._handles.get(task_id)
+        if handle is None:
+            if task.status.finished:
+                raise Conflict(f"task {task_id} is already {task.status.value}")
+            # Stored as unfinished but not running here: left by a crash and not yet recovered.
+            raise Conflict(f"task {task_id} is not running on this server")
+        self._request_cancel(handle, reason)
+        return handle.task
+
+    async def cancel_session(self, session_id: str, reason: str) -> None:
+        """Stop the session's running task, if any, and wait until it has stopped."""
+        task_id = self._by_session.get(session_id)
+        handle = self._handles.get(task_id) if task_id else None
+        if handle is None:
+            return
+        self._request_cancel(handle, reason)
+        if handle.job is not None:
+            await asyncio.wait([handle.job])
+
+    def begin_drain(self) -> None:
+        """Refuse new tasks from now on (SIGTERM arrived)."""
+        self._draining = True
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Let running tasks finish for ``grace_seconds``, then cancel the rest and store them as interrupted."""
+        self._draining = True
+        jobs = [h.job for h in self._handles.values() if h.job is not None]
+        if jobs and grace_seconds > 0:
+            log.info("drain_waiting_for_tasks", tasks=len(jobs), grace_seconds=grace_seconds)
+            await asyncio.wait(jobs, timeout=grace_seconds)
+        leftover = list(self._handles.values())
+        for handle in leftover:
+            handle.interrupted = True
+            self._request_cancel(handle, INTERRUPTED_BY_SHUTDOWN)
+        jobs = [h.job for h in leftover if h.job is not None]
+        if jobs:
+            await asyncio.wait(jobs)
+
+    def _request_cancel(self, handle: _Handle, reason: str) -> None:
+        if handle.cancel_reason is not None or handle.job is None:
+            return
+        handle.cancel_reason = reason
+        handle.job.cancel()
+
+    def _release(self, handle: _Handle) -> None:
+        self._handles.pop(handle.task.id, None)
+        if self._by_session.get(handle.task.session_id) == handle.task.id:
+            del self._by_session[handle.task.session_id]
+
+    async def _execute(self, handle: _Handle) -> None:
+        task = handle.task
+        bound = structlog.contextvars.bind_contextvars(task_id=task.id, session_id=task.session_id)
+        conversation: list[Message] = []
+        loaded = False
+        try:
+            task.status, task.started_at = TaskStatus.RUNNING, utc_now()
+            await self._store.update_task(task)
+            session = await self._store.get_session(task.session_id)
+            conversation = [Message.from_dict(m) for m in (session.messages if session else [])]
+            loaded = True
+            workspace = await self._workspaces.ensure(task.session_id)
+            request = TaskRequest(task.session_id, task.id, task.text, task.trace_id)
+            todos = SessionTodoList(self._store, task.session_id)
+            result = await self._engine.run(request, conversation, LogSink(self._events), workspace=workspace,
+                                            todos=todos)
+            self._record(task, result)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            await self._cancelled(handle)
+        except Exception as exc:  # a bug or a storage failure: the task fails visibly, the server goes on
+            log.exception("task_crashed", task_id=task.id)
+            task.status, task.error = TaskStatus.FAILED, f"internal error: {type(exc).__name__}"
+            with contextlib.suppress(Exception):
+                await self._events.append(ErrorEvent(session_id=task.session_id, task_id=task.id,
+                                                     trace_id=task.trace_id, error=task.error, recoverable=False))
+        finally:
+            task.finished_at = utc_now()
+            try:
+                if loaded:
+                    await self._store.save_messages(task.session_id, [m.to_dict() for m in conversation])
+                await self._store.update_task(task)
+            except Exception:
+                log.exception("task_not_saved", task_id=task.id)
+            finally:
+                self._release(handle)
+                log.info("task_finished", task_id=task.id, status=task.status.value, iterations=task.iterations,
+                         total_tokens=task.usage.get("total_tokens", 0), error=task.error)
+                structlog.contextvars.reset_contextvars(**bound)
+
+    @staticmethod
+    def _record(task: Task, result: TaskResult) -> None:
+        task.status = TaskStatus.COMPLETED if result.outcome is Outcome.COMPLETED else TaskStatus.FAILED
+        task.final_answer = result.final_answer
+        task.iterations = result.iterations
+        task.usage = result.usage.to_dict()
+        task.error = result.error
+
+    async def _cancelled(self, handle: _Handle) -> None:
+        task = handle.task
+        reason = handle.cancel_reason or "cancelled"
+        task.status = TaskStatus.INTERRUPTED if handle.interrupted else TaskStatus.CANCELLED
+        task.error = reason if handle.interrupted else None
+        await self._events.append(
+            TaskCancelled(session_id=task.session_id, task_id=task.id, trace_id=task.trace_id, reason=reason)
+        )

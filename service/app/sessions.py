@@ -1,0 +1,92 @@
+"""SessionService: the caller's sessions: list, read, read events, follow, delete."""
+
+from __future__ import annotations
+
+from service.app.access import Principal, owned_session, readable_session, streamable_session
+from service.app.ports import EventLog, SessionStore
+from service.app.runner import TaskRunner
+from service.app.stream import SessionFeed
+from service.app.workspaces import Workspaces
+from service.domain.errors import LimitExceeded
+from service.domain.events import StoredEvent
+from service.domain.models import Session
+
+
+class StreamQuota:
+    """Open streams per subject, capped (``ALEX_MAX_STREAMS_PER_CLIENT``)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, subject: str) -> None:
+        count = self._open.get(subject, 0)
+        if count >= self._limit:
+            raise LimitExceeded(f"{count} streams are open for this client (ALEX_MAX_STREAMS_PER_CLIENT)",
+                                retry_after=5)
+        self._open[subject] = count + 1
+
+    def release(self, subject: str) -> None:
+        count = self._open.get(subject, 0) - 1
+        if count > 0:
+            self._open[subject] = count
+        else:
+            self._open.pop(subject, None)
+
+    @property
+    def total(self) -> int:
+        return sum(self._open.values())
+
+
+class SessionService:
+    def __init__(
+        self,
+        store: SessionStore,
+        events: EventLog,
+        runner: TaskRunner,
+        workspaces: Workspaces,
+        *,
+        stream_buffer_size: int,
+        max_streams_per_client: int,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._runner = runner
+        self._workspaces = workspaces
+        self._buffer_size = stream_buffer_size
+        self.streams = StreamQuota(max_streams_per_client)
+
+    async def ids(self, principal: Principal) -> list[str]:
+        return await self._store.list_sessions(None if principal.is_admin else principal.subject)
+
+    async def get(self, principal: Principal, session_id: str) -> Session:
+        return await readable_session(self._store, principal, session_id)
+
+    async def events(self, principal: Principal, session_id: str, after: int, limit: int) -> list[StoredEvent]:
+        await readable_session(self._store, principal, session_id)
+        return await self._events.read_after(session_id, after, limit)
+
+    async def follow(self, principal: Principal, session_id: str, after: int) -> SessionFeed:
+        """A feed of the session's events after ``after``; counts against the caller's stream cap until closed.
+
+        The caller must call :meth:`unfollow` when the feed is done.
+        """
+        await streamable_session(self._store, principal, session_id)
+        self.streams.acquire(principal.subject)
+        return SessionFeed(self._events, session_id, after, self._buffer_size)
+
+    def unfollow(self, principal: Principal, feed: SessionFeed) -> None:
+        """Close the feed and give its place back; safe to call more than once."""
+        if feed.released:
+            return
+        feed.released = True
+        feed.close()
+        self.streams.release(principal.subject)
+
+    async def delete(self, principal: Principal, session_id: str) -> None:
+        """The session, its tasks (a running one is cancelled first), its events and its workspace."""
+        await owned_session(self._store, principal, session_id)
+        await self._runner.cancel_session(session_id, "the session was deleted")
+        await self._events.delete_session(session_id)
+        await self._store.delete_session(session_id)
+        await self._workspaces.remove(session_id)

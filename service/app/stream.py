@@ -1,0 +1,72 @@
+"""A session's events for one reader: what is stored after the reader's last id, then the live ones.
+
+The subscription is opened before the stored events are read, so an event appended meanwhile is in one or the
+other (or both: the live copy of a replayed event is skipped by id). No gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from service.app.ports import EventLog
+from service.domain.events import Event, StoredEvent
+
+REPLAY_PAGE = 500
+
+
+class LogSink:
+    """The engine's :class:`~service.domain.engine.EventSink`: every event goes into the log (which fans it out)."""
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+
+    async def emit(self, event: Event) -> None:
+        await self._log.append(event)
+
+
+class SessionFeed:
+    """Iterate to get batches of events; ``close_reason`` says why the feed ended (``slow_client``, ``draining``...)."""
+
+    def __init__(self, log: EventLog, session_id: str, after_id: int, buffer_size: int) -> None:
+        self._log = log
+        self._session_id = session_id
+        self._after_id = after_id
+        self._subscription = log.subscribe(session_id, buffer_size)
+        self.last_id = after_id
+        self.replayed = 0
+        self.delivered = 0
+        self.released = False
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._subscription.close_reason
+
+    @property
+    def dropped(self) -> int:
+        return self._subscription.dropped
+
+    def close(self, reason: str = "closed") -> None:
+        self._subscription.close(reason)
+
+    async def batches(self) -> AsyncIterator[list[StoredEvent]]:
+        try:
+            while True:
+                page = await self._log.read_after(self._session_id, self.last_id, REPLAY_PAGE)
+                if page:
+                    self.last_id = page[-1].id
+                    self.replayed += len(page)
+                    yield page
+                if len(page) < REPLAY_PAGE:
+                    break
+            while True:
+                batch = await self._subscription.next_batch()
+                if not batch:
+                    return
+                last = self.last_id
+                fresh = batch if batch[0].id > last else [e for e in batch if e.id > last]
+                if fresh:
+                    self.last_id = fresh[-1].id
+                    self.delivered += len(fresh)
+                    yield fresh
+        finally:
+            self._subscription.close("client_gone" if self.close_reason is None else self.close_reason)

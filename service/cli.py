@@ -1,0 +1,128 @@
+"""``alex-server``: ``serve`` (the default), ``token`` (mint a JWT for the configured key), ``run "TASK"``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+import structlog
+import uvicorn
+
+from service import __version__
+from service.app.access import DEFAULT_SCOPES, SCOPES
+from service.config import ConfigError, Settings, load_settings
+from service.main import create_app
+from service.observability.logging import configure_logging
+from service.terminal import run_task
+from service.tokens import mint_token, signing_key
+
+log = structlog.get_logger("service.cli")
+
+SHUTDOWN_STREAMS_SECONDS = 3.0
+"""How long uvicorn waits for open connections after SIGTERM; streams are closed by the drain well before."""
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which tells the application to drain on the first SIGTERM or SIGINT.
+
+    Draining makes readiness fail, refuses new tasks and ends open streams at once, so that uvicorn's wait for
+    open connections is short; running tasks then get the rest of the grace period in the lifespan's shutdown.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        container = getattr(getattr(self.config.app, "state", None), "container", None)
+        if container is not None:
+            container.begin_drain()
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("server_listening", host=host, port=port, url=f"http://{host}:{port}")
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.resolved_log_format, settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(SHUTDOWN_STREAMS_SECONDS),
+        server_header=False,
+    )
+    DrainingServer(config).run()
+    return 0
+
+
+def token(settings: Settings, args: argparse.Namespace) -> int:
+    scopes = args.scope.split() if args.scope else list(DEFAULT_SCOPES)
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        print(f"alex-server: unknown scope {unknown[0]!r}; scopes are: {' '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    key = signing_key(settings)
+    print(mint_token(key.secret, args.sub, scopes, args.ttl, issuer=settings.jwt_issuer,
+                     audience=settings.jwt_audience))
+    return 0
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104 -- reading, not binding
+    url = args.url or f"http://{host}:{settings.port}"
+    bearer = args.token
+    if bearer is None and settings.auth_enabled:
+            bearer = mint_token(signing_key(settings).secret, "cli", DEFAULT_SCOPES, 3600,
+                            issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    try:
+        return asyncio.run(run_task(url, args.task, args.session, bearer, color=sys.stdout.isatty()))
+    except KeyboardInterrupt:
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="alex-server", description=__doc__)
+    top.add_argument("--version", action="version", version=f"alex-server {__version__}")
+    commands = top.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the service (the default)")
+    minting = commands.add_parser("token", help="mint a JWT for the configured key")
+    minting.add_argument("--sub", default="dev", help="the subject (session owner); default: dev")
+    minting.add_argument("--scope", default=None,
+                         help=f"space-separated scopes; default: {' '.join(DEFAULT_SCOPES)}")
+    minting.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds; default: 86400")
+    running = commands.add_parser("run", help="submit a task to a running server and print its events live")
+    running.add_argument("task", help="what the agent should do")
+    running.add_argument("--url", default=None, help="the server; default: http://HOST:PORT from the settings")
+    running.add_argument("--session", default=None, help="continue this session (default: a new one)")
+    running.add_argument("--token", default=None, help="a bearer token (default: minted for the configured key)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"alex-server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "token":
+        return token(settings, args)
+    if args.command == "run":
+        return run(settings, args)
+    started = time.monotonic()
+    code = serve(settings)
+    log.info("process_exit", seconds=round(time.monotonic() - started, 1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""All configuration, in one Settings class read from the environment once and passed in.
+
+Nothing else in the service reads ``os.environ``. A bad value stops the start with one line naming the variable
+(:func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_RATE = re.compile(r"^\s*\d+\s*(/|\s+per\s+)\s*(\d+\s+)?(second|minute|hour|day)s?\s*$", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ALEX_", extra="ignore", validate_default=True, frozen=True, populate_by_name=True
+    )
+
+    # The model
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+    llm_provider: Literal["openai", "mock"] | None = None
+    """None means: ``openai`` when a key is set, else ``mock`` (resolved below)."""
+    llm_model: str = "gpt-4o"
+    base_url: str | None = None
+    llm_timeout_seconds: float = Field(default=120.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0, le=10)
+    mock_delay_ms: float = Field(default=15.0, ge=0)
+    mock_script: Path | None = None
+
+    # The engine
+    max_iterations: int = Field(default=20, ge=1, le=1000)
+    context_tokens: int = Field(default=100_000, ge=1_000)
+    """The budget the conversation is trimmed to, oldest turns first, before every model turn."""
+    task_analysis: bool = True
+    system_prompt: str | None = None
+    max_task_chars: int = Field(default=32_000, ge=1)
+
+    # Tools
+    bash_timeout_seconds: float = Field(default=60.0, gt=0)
+    tool_output_limit_bytes: int = Field(default=64 * 1024, ge=1024)
+    disabled_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # The server
+    port: int = Field(default=8080, ge=0, le=65535, validation_alias=AliasChoices("PORT"))
+    host: str = "127.0.0.1"
+    data_dir: Path = Path(".alex")
+    redis_url: str | None = None
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    """How long running tasks may go on after SIGTERM before they are cancelled and stored as interrupted."""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    # Streams and events
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    sse_buffer_size: int = Field(default=100, ge=1)
+    event_retention: int = Field(default=10_000, ge=100)
+    """Events kept per session; older ones are trimmed (see docs/operations.md)."""
+
+    # Limits
+    rate_limit_tasks: str = "10/minute"
+    rate_limit_default: str = "120/minute"
+    max_streams_per_client: int = Field(default=20, ge=1)
+    max_tasks_per_client: int = Field(default=4, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:3000", "http://localhost:3001"]
+    )
+
+    # Auth
+    auth: Literal["enabled", "disabled"] = "enabled"
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    # Logs
+    log_format: Literal["console", "json"] | None = None
+    """None means: ``console`` on a terminal, else ``json``."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("cors_origins", "disabled_tools", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", "llm_provider", "log_format", "auth", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("rate_limit_tasks", "rate_limit_default")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if not _RATE.match(value):
+            raise ValueError("expected a rate like 10/minute or 100 per hour")
+        return value
+
+    @model_validator(mode="after")
+    def _provider_needs_key(self) -> Settings:
+        if self.llm_provider == "openai" and self.openai_api_key is None and self.base_url is None:
+            raise ValueError("ALEX_LLM_PROVIDER: openai needs OPENAI_API_KEY (or ALEX_BASE_URL for a keyless server)")
+        return self
+
+    @property
+    def provider(self) -> Literal["openai", "mock"]:
+        if self.llm_provider is not None:
+            return self.llm_provider
+        return "openai" if self.openai_api_key is not None else "mock"
+
+    @property
+    def resolved_log_format(self) -> Literal["console", "json"]:
+        if self.log_format is not None:
+            return self.log_format
+        return "console" if sys.stderr.isatty() else "json"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "enabled"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "alex.db"
+
+    @property
+    def generated_secret_path(self) -> Path:
+        return self.data_dir / "jwt_secret"
+
+
+_SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret"})
+_ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY", "port": "PORT"}
+
+
+def env_name(field_name: str) -> str:
+    """The variable that sets a field (errors may name the field or, for aliased ones, the variable itself)."""
+    if field_name.isupper():
+        return field_name
+    return _ENV_NAMES.get(field_name, "ALEX_" + field_name.upper())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; raise :class:`ConfigError` with one line naming the first bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if isinstance(part, str)]
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        if loc:
+            raw = first.get("input")
+            shown = f" (got {raw!r})" if isinstance(raw, str | int | float) and loc[0] not in _SECRET_FIELDS else ""
+            raise ConfigError(f"{env_name(loc[0])}: {message}{shown}") from None
+        raise ConfigError(message) from None

@@ -1,0 +1,121 @@
+"""The composition root: the one place that picks adapters from Settings and wires the use cases.
+
+``build_container(settings, **overrides)`` builds everything (tests pass fakes as keyword arguments);
+``Container.close`` releases it. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from service.adapters.broker.memory import MemoryBroker
+from service.adapters.llm import build_chat_model
+from service.adapters.store.sqlite import SqliteDatabase
+from service.adapters.store.sqlite_events import SqliteEventLog
+from service.adapters.store.sqlite_sessions import SqliteSessionStore
+from service.adapters.tools import build_tools
+from service.app.ports import EventLog, SessionStore
+from service.app.runner import TaskRunner
+from service.app.sessions import SessionService
+from service.app.workspaces import Workspaces
+from service.config import Settings
+from service.domain.engine import DEFAULT_SYSTEM_PROMPT, EngineConfig, ReactEngine
+from service.domain.llm import ChatModel
+from service.domain.tools import Tool, ToolRegistry
+from service.tokens import SigningKey, TokenVerifier, signing_key
+
+log = structlog.get_logger("service.container")
+
+
+@dataclass
+class Container:
+    settings: Settings
+    store: SessionStore
+    events: EventLog
+    chat_model: ChatModel
+    runner: TaskRunner
+    sessions: SessionService
+    verifier: TokenVerifier | None
+    signing_key: SigningKey | None
+    closers: list[Any] = field(default_factory=list)
+    ready: bool = False
+
+    def begin_drain(self) -> None:
+        """SIGTERM: readiness goes 503, new tasks are refused, open streams end (clients resume elsewhere)."""
+        if not self.ready and self.runner.draining:
+            return
+        self.ready = False
+        self.runner.begin_drain()
+        self.events.close_subscriptions("draining")
+        log.info("drain_started", running_tasks=self.runner.running_count)
+
+    async def close(self) -> None:
+        self.begin_drain()
+        await self.runner.shutdown(self.settings.shutdown_grace_seconds)
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("close_failed", closer=getattr(closer, "__qualname__", repr(closer)))
+
+
+async def build_container(
+    settings: Settings,
+    *,
+    chat_model: ChatModel | None = None,
+    tools: list[Tool] | None = None,
+    store: SessionStore | None = None,
+    events: EventLog | None = None,
+) -> Container:
+    closers: list[Any] = []
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if store is None or events is None:
+        db = await SqliteDatabase.open(settings.database_path)
+        closers.append(db.close)
+        if store is None:
+            store = SqliteSessionStore(db)
+        if events is None:
+            events = await SqliteEventLog.open(db, MemoryBroker(), retention=settings.event_retention)
+            closers.append(events.close)
+    if chat_model is None:
+        chat_model = build_chat_model(settings)
+        aclose = getattr(chat_model, "aclose", None)
+        if aclose is not None:
+            closers.append(aclose)
+    registry = ToolRegistry(tools if tools is not None else build_tools(settings))
+    engine = ReactEngine(
+        chat_model,
+        registry,
+        EngineConfig(
+            max_iterations=settings.max_iterations,
+            context_tokens=settings.context_tokens,
+            system_prompt=settings.system_prompt or DEFAULT_SYSTEM_PROMPT,
+            analyze=settings.task_analysis,
+            tool_result_limit=settings.tool_output_limit_bytes,
+        ),
+    )
+    workspaces = Workspaces(settings.workspaces_dir)
+    runner = TaskRunner(
+        store,
+        events,
+        engine,
+        workspaces,
+        max_task_chars=settings.max_task_chars,
+        max_tasks_per_client=settings.max_tasks_per_client,
+    )
+    sessions = SessionService(
+        store,
+        events,
+        runner,
+        workspaces,
+        stream_buffer_size=settings.sse_buffer_size,
+        max_streams_per_client=settings.max_streams_per_client,
+    )
+    key = signing_key(settings) if settings.auth_enabled else None
+    verifier = (
+        TokenVerifier(key.secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience) if key else None
+    )
+    return Container(settings, store, events, chat_model, runner, sessions, verifier, key, closers)

@@ -1,0 +1,198 @@
+"""The events a task emits, as frozen typed records, and their one wire encoding.
+
+Every stored event carries the envelope (``event_type``, ``id``, ``session_id``, ``task_id``, ``timestamp``,
+``iteration`` where one applies, ``trace_id``) and the fields of its type. The id is not part of the record: the
+event log assigns it on append and returns a :class:`StoredEvent`, which holds the JSON and the SSE frame made once
+for every reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds, as ``2025-10-02T10:00:00.123Z``."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """The envelope shared by every stored event; subclasses add the fields of their type."""
+
+    event_type: ClassVar[str]
+    _envelope: ClassVar[frozenset[str]] = frozenset({"session_id", "task_id", "timestamp", "trace_id", "iteration"})
+
+    session_id: str
+    task_id: str
+    timestamp: datetime = field(default_factory=utc_now)
+    trace_id: str = ""
+    iteration: int | None = None
+
+    def to_dict(self, event_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "event_type": self.event_type,
+            "id": event_id,
+            "session_id": self.session_id,
+            "task_id": self.task_id,
+            "timestamp": format_timestamp(self.timestamp),
+            "trace_id": self.trace_id,
+        }
+        if self.iteration is not None:
+            body["iteration"] = self.iteration
+        for f in dataclasses.fields(self):
+            if f.name not in self._envelope:
+                body[f.name] = getattr(self, f.name)
+        return body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskAnalysis(Event):
+    event_type: ClassVar[str] = "task_analysis"
+    action_name: str
+    goal: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationStart(Event):
+    event_type: ClassVar[str] = "iteration_start"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thinking(Event):
+    event_type: ClassVar[str] = "thinking"
+    delta: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThinkComplete(Event):
+    event_type: ClassVar[str] = "think_complete"
+    content: str
+    tool_calls: list[dict[str, str]]
+    """Each as ``{"call_id": ..., "tool_name": ...}``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallStart(Event):
+    event_type: ClassVar[str] = "tool_call_start"
+    tool_name: str
+    call_id: str
+    arguments: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallStream(Event):
+    event_type: ClassVar[str] = "tool_call_stream"
+    tool_name: str
+    call_id: str
+    chunk: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolCallComplete(Event):
+    event_type: ClassVar[str] = "tool_call_complete"
+    tool_name: str
+    call_id: str
+    result: str
+    error: str | None
+    duration: int
+    """Milliseconds."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationComplete(Event):
+    event_type: ClassVar[str] = "iteration_complete"
+    tokens_used: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskComplete(Event):
+    event_type: ClassVar[str] = "task_complete"
+    final_answer: str
+    total_iterations: int
+    total_tokens: int
+    duration: int
+    """Milliseconds."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskCancelled(Event):
+    event_type: ClassVar[str] = "task_cancelled"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorEvent(Event):
+    event_type: ClassVar[str] = "error"
+    error: str
+    recoverable: bool
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    TaskAnalysis,
+    IterationStart,
+    Thinking,
+    ThinkComplete,
+    ToolCallStart,
+    ToolCallStream,
+    ToolCallComplete,
+    IterationComplete,
+    TaskComplete,
+    TaskCancelled,
+    ErrorEvent,
+)
+"""Every stored event type, in the order a task usually emits them."""
+
+CONNECTED = "connected"
+"""The first frame of every stream; not stored, carries no id."""
+
+TERMINAL_EVENT_TYPES = frozenset({TaskComplete.event_type, TaskCancelled.event_type, ErrorEvent.event_type})
+
+
+def encode_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def connected_frame(session_id: str) -> bytes:
+    return ("event: " + CONNECTED + "\ndata: " + encode_json({"session_id": session_id}) + "\n\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event with the id the log gave it, encoded once: its JSON and its SSE frame.
+
+    ``data`` is the JSON object the clients see; ``frame`` is the whole SSE message (``id``, ``event``, ``data``)
+    so that every subscriber writes the same bytes without encoding them again.
+    """
+
+    id: int
+    session_id: str
+    task_id: str
+    event_type: str
+    data: str
+    frame: bytes
+
+    @classmethod
+    def encode(cls, event_id: int, event: Event) -> StoredEvent:
+        return cls.from_json(event_id, event.session_id, event.task_id, event.event_type,
+                             encode_json(event.to_dict(str(event_id))))
+
+    @classmethod
+    def from_json(cls, event_id: int, session_id: str, task_id: str, event_type: str, data: str) -> StoredEvent:
+        # JSON never holds a raw newline (it is escaped), so one data line carries the whole object.
+        frame = f"id: {event_id}\nevent: {event_type}\ndata: {data}\n\n".encode()
+        return cls(event_id, session_id, task_id, event_type, data, frame)
+
+    def to_dict(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.data)
+        return value

@@ -1,0 +1,80 @@
+"""``create_app(settings)``: the FastAPI application with a lifespan that builds and closes the container.
+
+Nothing is configured at import time. ``service.cli`` runs it under uvicorn with the drain hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from service import __version__
+from service.api.access_log import AccessLog
+from service.api.limits import BodySizeLimit
+from service.api.problems import install_problem_handlers
+from service.api.routes import health, sessions, stream, tasks
+from service.config import Settings
+from service.container import Container, build_container
+
+log = structlog.get_logger("service.main")
+
+
+def create_app(settings: Settings, **overrides: Any) -> FastAPI:
+    """The application; ``overrides`` go to :func:`build_container` (tests pass fakes there)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        container = await build_container(settings, **overrides)
+        app.state.container = container
+        try:
+            await container.runner.recover()
+            _announce(settings, container)
+            container.ready = True
+            yield
+        finally:
+            await container.close()
+            log.info("server_stopped")
+
+    app = FastAPI(
+        title="alex-server",
+        version=__version__,
+        summary="Runs AI-agent tasks and streams every step over Server-Sent Events.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    for router in (health.router, tasks.router, sessions.router, stream.router):
+        app.include_router(router)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After", "Location"],
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessLog)
+    return app
+
+
+def _announce(settings: Settings, container: Container) -> None:
+    log.info(
+        "server_ready",
+        version=__version__,
+        provider=settings.provider,
+        model=container.chat_model.model,
+        data_dir=str(settings.data_dir),
+        auth="enabled" if settings.auth_enabled else "disabled",
+    )
+    if settings.provider == "mock" and settings.llm_provider is None:
+        log.warning("llm_mock_provider", reason="OPENAI_API_KEY is not set; answers come from the offline mock model")
+    if not settings.auth_enabled:
+        log.warning("auth_disabled", reason="ALEX_AUTH=disabled: every request is trusted; never do this in production")
+    elif container.signing_key is not None and container.signing_key.generated:
+        log.info("jwt_secret_generated", path=str(settings.generated_secret_path),
+                 hint="mint a token with: alex-server token --sub NAME")

@@ -1,0 +1,143 @@
+"""The real server as a child process on 127.0.0.1 (port 0), for tests that talk to it over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.tokens import mint_token
+
+SECRET = "integration-test-secret-0123456789abcdef"
+ALL_SCOPES = ("tasks:write", "sessions:read", "sessions:write")
+
+
+def clean_environment() -> dict[str, str]:
+    """The test process's environment without anything that configures the service."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ALEX_", "OPENAI_", "OTEL_")) and k != "PORT"}
+
+
+class ServerProcess:
+    """``alex-server serve`` in a child process; its JSON log lines are collected in :attr:`logs`."""
+
+    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.env = {
+            **clean_environment(),
+            "PORT": "0",
+            "ALEX_HOST": "127.0.0.1",
+            "ALEX_DATA_DIR": str(data_dir),
+            "ALEX_LOG_FORMAT": "json",
+            "ALEX_JWT_SECRET": SECRET,
+            "ALEX_MOCK_DELAY_MS": "0",
+            **(env or {}),
+        }
+        self.logs: list[dict[str, Any]] = []
+        self.raw_logs: list[str] = []
+        self.port: int | None = None
+        self._listening = threading.Event()
+        self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.port is not None, "server not started"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[str]:
+        assert self._process is not None, "server not started"
+        return self._process
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        self._listening.clear()
+        self.port = None
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self._process,), daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.raw_logs[-40:]))
+        self.wait_ready(timeout)
+        return self
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            line = line.rstrip("\n")
+            self.raw_logs.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            self.logs.append(record)
+            if record.get("event") == "server_listening":
+                self.port = int(record["port"])
+                self._listening.set()
+        process.stderr.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/ready", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server never became ready:\n" + "\n".join(self.raw_logs[-40:]))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> float:
+        """Send ``sig`` and wait for the exit; returns how long the process took to exit, in seconds."""
+        process = self.process
+        if process.poll() is not None:
+            return 0.0
+        started = time.monotonic()
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            if self._reader is not None:
+                self._reader.join(5)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def events_logged(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.logs if r.get("event") == name]
+
+
+def token(subject: str = "alice", scopes: tuple[str, ...] = ALL_SCOPES, ttl: int = 3600) -> str:
+    return mint_token(SECRET, subject, scopes, ttl)
+
+
+def auth(subject: str = "alice", scopes: tuple[str, ...] = ALL_SCOPES) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(subject, scopes)}"}

@@ -1,0 +1,199 @@
+"""The in-process broker: session filtering, order, batching, overflow, close."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.adapters.broker.memory import SLOW_CLIENT, BufferedSubscription, MemoryBroker
+from service.domain.events import StoredEvent, Thinking
+
+
+def stored(event_id: int, session_id: str = "s1") -> StoredEvent:
+    return StoredEvent.encode(event_id, Thinking(session_id=session_id, task_id="t1", delta=f"d{event_id}"))
+
+
+def ids(events: list[StoredEvent]) -> list[int]:
+    return [event.id for event in events]
+
+
+async def test_a_subscriber_gets_only_its_session() -> None:
+    broker = MemoryBroker()
+    mine = broker.subscribe("s1", 10)
+    other = broker.subscribe("s2", 10)
+    broker.publish(stored(1, "s1"))
+    broker.publish(stored(2, "s2"))
+    broker.publish(stored(3, "s1"))
+    assert ids(await mine.next_batch()) == [1, 3]
+    assert ids(await other.next_batch()) == [2]
+
+
+async def test_every_subscriber_of_a_session_gets_every_event_in_order() -> None:
+    broker = MemoryBroker()
+    subscriptions = [broker.subscribe("s1", 100) for _ in range(3)]
+    for event_id in range(1, 51):
+        broker.publish(stored(event_id))
+    for subscription in subscriptions:
+        assert ids(await subscription.next_batch()) == list(range(1, 51))
+    assert broker.subscriber_count("s1") == 3
+
+
+async def test_next_batch_returns_everything_pending_at_once() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    broker.publish(stored(1))
+    broker.publish(stored(2))
+    assert ids(await subscription.next_batch()) == [1, 2]
+    assert subscription.pending == 0
+    broker.publish(stored(3))
+    assert ids(await subscription.next_batch()) == [3]
+
+
+async def test_a_waiting_reader_wakes_on_publish() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    reader = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    broker.publish(stored(1))
+    broker.publish(stored(2))
+    # Both events published before the reader ran arrive in one batch.
+    assert ids(await asyncio.wait_for(reader, 1)) == [1, 2]
+
+
+async def test_events_published_before_subscribing_are_not_delivered() -> None:
+    broker = MemoryBroker()
+    broker.publish(stored(1))
+    subscription = broker.subscribe("s1", 10)
+    broker.publish(stored(2))
+    assert ids(await subscription.next_batch()) == [2]
+
+
+async def test_overflow_drops_everything_pending_and_closes_as_slow_client() -> None:
+    broker = MemoryBroker()
+    slow = broker.subscribe("s1", 3)
+    fast = broker.subscribe("s1", 100)
+    for event_id in range(1, 4):
+        broker.publish(stored(event_id))
+    assert slow.close_reason is None
+    broker.publish(stored(4))  # the fourth while three are pending: over the buffer
+    assert slow.closed
+    assert slow.close_reason == SLOW_CLIENT
+    assert slow.dropped == 4
+    assert await slow.next_batch() == []
+    assert broker.subscriber_count("s1") == 1
+    broker.publish(stored(5))
+    assert slow.dropped == 4  # no longer subscribed: nothing more reaches it
+    assert ids(await fast.next_batch()) == [1, 2, 3, 4, 5]
+    assert fast.dropped == 0
+
+
+async def test_a_reader_that_keeps_up_never_overflows() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 2)
+    received: list[int] = []
+    for event_id in range(1, 21, 2):
+        broker.publish(stored(event_id))
+        broker.publish(stored(event_id + 1))
+        received += ids(await subscription.next_batch())
+    assert received == list(range(1, 21))
+    assert subscription.close_reason is None
+
+
+async def test_overflow_wakes_a_waiting_reader_with_an_empty_batch() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 1)
+    broker.publish(stored(1))
+    assert ids(await subscription.next_batch()) == [1]
+    reader = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    broker.publish(stored(2))
+    broker.publish(stored(3))  # overflows before the reader ran
+    assert await asyncio.wait_for(reader, 1) == []
+    assert subscription.dropped == 2
+
+
+async def test_close_wakes_a_waiting_reader() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    reader = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    subscription.close("client_gone")
+    assert await asyncio.wait_for(reader, 1) == []
+    assert subscription.close_reason == "client_gone"
+
+
+async def test_pending_events_are_still_returned_after_a_normal_close() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    broker.publish(stored(1))
+    subscription.close("draining")
+    broker.publish(stored(2))
+    assert ids(await subscription.next_batch()) == [1]
+    assert await subscription.next_batch() == []
+    assert await subscription.next_batch() == []
+    assert subscription.dropped == 0
+
+
+async def test_close_unsubscribes_and_is_idempotent() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    subscription.close("first")
+    subscription.close("second")
+    assert subscription.close_reason == "first"
+    assert broker.subscriber_count("s1") == 0
+    assert broker.subscriber_count() == 0
+    broker.publish(stored(1))
+    assert subscription.pending == 0
+
+
+async def test_close_all_ends_every_reader() -> None:
+    broker = MemoryBroker()
+    subscriptions = [broker.subscribe(f"s{n}", 10) for n in range(3)]
+    readers = [asyncio.create_task(subscription.next_batch()) for subscription in subscriptions]
+    await asyncio.sleep(0)
+    broker.close_all("draining")
+    assert await asyncio.wait_for(asyncio.gather(*readers), 1) == [[], [], []]
+    assert {subscription.close_reason for subscription in subscriptions} == {"draining"}
+    assert broker.subscriber_count() == 0
+
+
+async def test_a_cancelled_reader_leaves_the_subscription_usable() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    reader = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    broker.publish(stored(1))
+    assert ids(await subscription.next_batch()) == [1]
+
+
+async def test_one_reader_at_a_time() -> None:
+    subscription = MemoryBroker().subscribe("s1", 10)
+    first = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError):
+        await subscription.next_batch()
+    subscription.close()
+    assert await first == []
+
+
+def test_the_buffer_holds_at_least_one_event() -> None:
+    with pytest.raises(ValueError, match="buffer_size"):
+        BufferedSubscription("s1", 0)
+
+
+async def test_many_subscribers_one_overflowing_does_not_disturb_the_others() -> None:
+    broker = MemoryBroker()
+    subscriptions = [broker.subscribe("s1", 5 if n % 2 else 50) for n in range(1000)]
+    for event_id in range(1, 11):
+        broker.publish(stored(event_id))
+    small = subscriptions[1::2]
+    large = subscriptions[0::2]
+    assert all(s.close_reason == SLOW_CLIENT and s.dropped == 6 for s in small)
+    assert broker.subscriber_count("s1") == len(large)
+    for subscription in large:
+        assert ids(await subscription.next_batch()) == list(range(1, 11))
