@@ -22,7 +22,8 @@ class SseMessage:
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
     """Messages from an ``text/event-stream`` body, per the WHATWG rules; comments (heartbeats) are skipped."""
-    event, data, last_id = "", [], None
+    event, last_id = "", None
+    data: list[str] = []
     async for line in lines:
         if line == "":
             if data:

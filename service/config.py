@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         return self.data_dir / "jwt_secret"
 
 
-_SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret"})
+_SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret", "OPENAI_API_KEY"})
 _ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY", "port": "PORT"}
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ from service.tokens import SigningKey, TokenVerifier, signing_key
 
 log = structlog.get_logger("service.container")
 
+CLOSE_RESERVE_SECONDS = 0.5
+"""Kept back from the grace period for storing interrupted tasks and closing the stores."""
+
 
 @dataclass
 class Container:
@@ -42,19 +46,24 @@ class Container:
     signing_key: SigningKey | None
     closers: list[Any] = field(default_factory=list)
     ready: bool = False
+    drain_started: float | None = None
 
     def begin_drain(self) -> None:
         """SIGTERM: readiness goes 503, new tasks are refused, open streams end (clients resume elsewhere)."""
-        if not self.ready and self.runner.draining:
+        if self.drain_started is not None:
             return
+        self.drain_started = time.monotonic()
         self.ready = False
         self.runner.begin_drain()
         self.events.close_subscriptions("draining")
         log.info("drain_started", running_tasks=self.runner.running_count)
 
     async def close(self) -> None:
+        """Drain (if SIGTERM did not already), give running tasks what is left of the grace period, release all."""
         self.begin_drain()
-        await self.runner.shutdown(self.settings.shutdown_grace_seconds)
+        assert self.drain_started is not None
+        spent = time.monotonic() - self.drain_started
+        await self.runner.shutdown(max(0.0, self.settings.shutdown_grace_seconds - spent - CLOSE_RESERVE_SECONDS))
         for closer in reversed(self.closers):
             try:
                 await closer()

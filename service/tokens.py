@@ -6,6 +6,7 @@ its data folder (mode 0600), so that a fresh install is secure and ``alex-server
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -34,20 +35,32 @@ class InvalidToken(Exception):
 def load_or_create_secret(path: Path) -> str:
     """The generated secret at ``path``, made (random, 256 bits, mode 0600) on first use.
 
-    Creation is exclusive (``O_EXCL``): two processes starting together end up with the same secret.
+    The file appears whole or not at all (written aside, then hard-linked into place), so two processes starting
+    together end up with the same secret and neither ever reads a half-written one.
     """
     try:
-        return path.read_text().strip()
+        return _read_secret(path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret + "\n")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won the race: use its secret
+            os.link(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> str:
+    secret = path.read_text().strip()
+    if not secret:
+        raise ValueError(f"{path} is empty; delete it to have a new secret made (tokens signed before stop working)")
     return secret
 
 

@@ -17,9 +17,10 @@ class Subscription(Protocol):
     """Live events of one session for one reader, through a bounded buffer.
 
     ``next_batch`` waits until at least one event is pending or the subscription is closed, then returns every
-    pending event in id order; it returns an empty list once closed. When more events are pending than the buffer
-    holds, the pending ones are dropped (counted in ``dropped``), ``close_reason`` becomes ``"slow_client"`` and
-    the subscription closes: the reader recovers the rest from the log.
+    pending event in id order; it returns an empty list once closed and drained. When ``buffer_size`` events are
+    pending and one more arrives, all of them are dropped (counted in ``dropped``), ``close_reason`` becomes
+    ``"slow_client"`` and the subscription closes: the reader recovers the rest from the log. After a normal
+    ``close`` the events already pending are still returned.
     """
 
     @property
@@ -39,7 +40,10 @@ class EventLog(Protocol):
     ``append`` assigns the id (strictly increasing within a session), hands the event to the session's current
     subscribers at once and persists it; a ``read_after`` that starts after ``append`` returned sees the event.
     ``read_after`` returns the stored events of a session with ids above ``after_id``, oldest first, at most
-    ``limit``. ``subscribe`` must be called before the replay read so that nothing falls between the two.
+    ``limit``; it raises :class:`~service.domain.errors.Unavailable` rather than return a history with a hole (a
+    write that failed for good). ``subscribe`` must be called before the replay read so that nothing falls between
+    the two. Retention keeps at least the newest ``retention`` events of a session (up to a tenth more between
+    trims).
     """
 
     async def append(self, event: Event) -> StoredEvent: ...
@@ -54,7 +58,7 @@ class EventLog(Protocol):
         """Close every open subscription (server draining): their readers end their streams."""
 
     async def close(self) -> None:
-        """Persist whatever is pending and release the backend."""
+        """Persist whatever is pending and release what the log owns (a shared database is closed by its opener)."""
 
 
 class SessionStore(Protocol):
@@ -62,7 +66,9 @@ class SessionStore(Protocol):
 
     ``create_session`` returns the session that holds the id afterwards: the new one, or the existing one when the
     id was taken (the caller then checks the owner). ``interrupt_unfinished_tasks`` marks every ``queued`` or
-    ``running`` task ``interrupted`` (a crash left them so) and returns them.
+    ``running`` task ``interrupted`` (a crash left them so) and returns them. Writes to a missing session or task
+    do nothing; ``create_task`` with an id already stored raises ``ValueError``. Times come back timezone-aware,
+    in UTC.
     """
 
     async def create_session(self, session: Session) -> Session: ...
@@ -94,4 +100,5 @@ class SessionStore(Protocol):
     async def ping(self) -> None:
         """Raise when the backend does not answer (readiness)."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release what the store owns (a shared database is closed by its opener)."""

@@ -51,6 +51,7 @@ class _Handle:
     job: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     interrupted: bool = False
+    started: bool = False
 
 
 class TaskRunner:
@@ -183,7 +184,10 @@ class TaskRunner:
         if handle.cancel_reason is not None or handle.job is None:
             return
         handle.cancel_reason = reason
-        handle.job.cancel()
+        # A job cancelled before its first step never enters its body (nothing would record the cancellation):
+        # one that has not started sees the reason when it does.
+        if handle.started:
+            handle.job.cancel()
 
     def _release(self, handle: _Handle) -> None:
         self._handles.pop(handle.task.id, None)
@@ -196,6 +200,9 @@ class TaskRunner:
         conversation: list[Message] = []
         loaded = False
         try:
+            handle.started = True
+            if handle.cancel_reason is not None:
+                raise asyncio.CancelledError
             task.status, task.started_at = TaskStatus.RUNNING, utc_now()
             await self._store.update_task(task)
             session = await self._store.get_session(task.session_id)

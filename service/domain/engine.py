@@ -162,6 +162,26 @@ class _Run:
         return int((self.engine._clock() - self.started) * 1000)
 
     async def execute(self) -> TaskResult:
+        try:
+            return await self._iterate()
+        except asyncio.CancelledError:
+            self._answer_open_calls("Error: the task was cancelled")
+            raise
+
+    def _answer_open_calls(self, content: str) -> None:
+        """Give every tool call of the last assistant turn a result: the model APIs refuse a conversation without."""
+        for index in range(len(self.conversation) - 1, -1, -1):
+            message = self.conversation[index]
+            if message.role == "assistant":
+                answered = {m.tool_call_id for m in self.conversation[index + 1:] if m.role == "tool"}
+                for call in message.tool_calls:
+                    if call.id not in answered:
+                        self.conversation.append(Message("tool", content, tool_call_id=call.id, name=call.name))
+                return
+            if message.role == "user":
+                return
+
+    async def _iterate(self) -> TaskResult:
         if not self.conversation or self.conversation[0].role != "system":
             self.conversation.insert(0, Message("system", self.config.system_prompt))
         self.conversation.append(Message("user", self.request.text))
@@ -217,21 +237,10 @@ class _Run:
             await self._emit(Thinking, delta=delta)
 
     async def _call_tools(self, calls: tuple[ToolCall, ...]) -> None:
-        answered: set[str] = set()
-        try:
-            for call in calls:
-                result, error = await self._call_tool(call)
-                content = result if error is None else f"Error: {error}"
-                self.conversation.append(Message("tool", content, tool_call_id=call.id, name=call.name))
-                answered.add(call.id)
-        except asyncio.CancelledError:
-            # The model APIs refuse a conversation where a tool call has no result: record why each is missing.
-            for call in calls:
-                if call.id not in answered:
-                    self.conversation.append(
-                        Message("tool", "Error: the task was cancelled", tool_call_id=call.id, name=call.name)
-                    )
-            raise
+        for call in calls:
+            result, error = await self._call_tool(call)
+            content = result if error is None else f"Error: {error}"
+            self.conversation.append(Message("tool", content, tool_call_id=call.id, name=call.name))
 
     async def _call_tool(self, call: ToolCall) -> tuple[str, str | None]:
         try:

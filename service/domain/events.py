@@ -21,8 +21,8 @@ def utc_now() -> datetime:
 
 
 def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds, as ``2025-10-02T10:00:00.123Z``."""
-    moment = moment.astimezone(UTC)
+    """RFC 3339 in UTC with milliseconds, as ``2025-10-02T10:00:00.123Z``. A naive time is taken as UTC."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

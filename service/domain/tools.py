@@ -109,13 +109,19 @@ def check_arguments(schema: Mapping[str, Any], value: Any, where: str = "argumen
     return problems
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_arguments(raw: str) -> dict[str, Any]:
     """The model's argument text as an object; raises :class:`ToolError` with a message the model can act on."""
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):
+            raise ToolError(f"arguments are not valid JSON: {exc}") from None
         raise ToolError(f"arguments are not valid JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(value, dict):
         raise ToolError("arguments must be a JSON object")

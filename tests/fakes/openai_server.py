@@ -82,9 +82,13 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class StallReply:
-    """Start a stream, send ``text``, then send nothing more and keep the connection open until the client leaves."""
+    """Start a stream, send ``text``, then send no more data and keep the connection open until the client leaves.
+
+    With ``keepalive_seconds`` it sends an SSE comment (``: ping``) that often meanwhile: bytes, but no progress.
+    """
 
     text: str = ""
+    keepalive_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +215,8 @@ class FakeOpenAI:
         headers = {"retry-after-ms": str(retry_after_ms)} if retry_after_ms is not None else {}
         self.enqueue(ErrorReply(status=status, message=message, headers=headers))
 
-    def enqueue_stall(self, text: str = "") -> None:
-        self.enqueue(StallReply(text=text))
+    def enqueue_stall(self, text: str = "", *, keepalive_seconds: float | None = None) -> None:
+        self.enqueue(StallReply(text=text, keepalive_seconds=keepalive_seconds))
 
     def enqueue_cut(self, text: str = "") -> None:
         self.enqueue(CutReply(text=text))
@@ -319,9 +323,28 @@ class FakeOpenAI:
         if isinstance(reply, CutReply):
             writer.close()
             return
-        while await reader.read(1024):
-            pass
-        request.client_gone.set()
+        await _hold(reply, request, reader, writer)
+
+
+async def _hold(
+    reply: StallReply, request: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Keep a stalled stream open until the client closes it; then mark the request's ``client_gone``."""
+    try:
+        while True:
+            if reply.keepalive_seconds is None:
+                data = await reader.read(1024)
+            else:
+                try:
+                    data = await asyncio.wait_for(reader.read(1024), reply.keepalive_seconds)
+                except TimeoutError:
+                    await _send_chunk(writer, ": ping\n\n")
+                    continue
+            if not data:
+                break
+    except ConnectionError:
+        pass
+    request.client_gone.set()
 
 
 async def _read_request(reader: asyncio.StreamReader) -> RecordedRequest | None:

@@ -80,8 +80,8 @@ class ServerProcess:
 
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
-        for line in process.stderr:
-            line = line.rstrip("\n")
+        for raw in process.stderr:
+            line = raw.rstrip("\n")
             self.raw_logs.append(line)
             try:
                 record = json.loads(line)

@@ -19,20 +19,28 @@ from tests.unit.tool_helpers import (
 )
 
 
+@pytest.fixture
+def real_tmp_path(tmp_path: Path) -> Path:
+    """tmp_path with its symbolic links resolved, as the command sees it."""
+    return tmp_path.resolve()
+
+
 def bash(timeout_seconds: float = 20.0, output_limit_bytes: int = 64 * 1024) -> BashTool:
     return BashTool(timeout_seconds=timeout_seconds, output_limit_bytes=output_limit_bytes)
 
 
 async def test_streams_each_line_in_order_and_returns_the_output(tmp_path: Path) -> None:
     stream = StreamCollector()
-    result = await bash().run({"command": "for i in 1 2 3; do echo line $i; done"}, make_context(tmp_path, stream=stream))
+    command = "for i in 1 2 3; do echo line $i; done"
+    result = await bash().run({"command": command}, make_context(tmp_path, stream=stream))
     assert stream.chunks == ["line 1\n", "line 2\n", "line 3\n"]
     assert result == "line 1\nline 2\nline 3\n"
 
 
 async def test_a_line_is_streamed_before_the_command_ends(tmp_path: Path) -> None:
     stream = StreamCollector()
-    task = asyncio.create_task(bash().run({"command": "echo a; sleep 0.5; echo b"}, make_context(tmp_path, stream=stream)))
+    context = make_context(tmp_path, stream=stream)
+    task = asyncio.create_task(bash().run({"command": "echo a; sleep 0.5; echo b"}, context))
     await asyncio.wait_for(stream.first.wait(), 5)
     assert stream.chunks == ["a\n"]
     assert not task.done()
@@ -52,10 +60,10 @@ async def test_stderr_is_merged_and_bad_utf8_is_replaced(tmp_path: Path) -> None
     assert result == "out\nerr\nx\ufffdy\n"
 
 
-async def test_runs_in_the_workspace(tmp_path: Path) -> None:
+async def test_runs_in_the_workspace(tmp_path: Path, real_tmp_path: Path) -> None:
     (tmp_path / "here.txt").write_text("hi")
     result = await bash().run({"command": "pwd; ls"}, make_context(tmp_path))
-    assert result == f"{tmp_path.resolve()}\nhere.txt\n"
+    assert result == f"{real_tmp_path}\nhere.txt\n"
 
 
 async def test_non_zero_exit_is_a_result_with_the_code(tmp_path: Path) -> None:
@@ -68,7 +76,9 @@ async def test_no_output_says_so(tmp_path: Path) -> None:
     assert await bash().run({"command": "exit 1"}, make_context(tmp_path)) == "[exit code 1]"
 
 
-async def test_the_environment_holds_no_server_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_environment_holds_no_server_secrets(
+    tmp_path: Path, real_tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-very-secret-value")
     monkeypatch.setenv("ALEX_JWT_SECRET", "jwt-very-secret-value")
     monkeypatch.setenv("SOMETHING_ELSE", "unrelated-value")
@@ -78,7 +88,7 @@ async def test_the_environment_holds_no_server_secrets(tmp_path: Path, monkeypat
     assert not [name for name in variables if name.startswith("ALEX_")]
     assert "very-secret" not in result
     assert "unrelated-value" not in result
-    workspace = str(tmp_path.resolve())
+    workspace = str(real_tmp_path)
     assert variables["HOME"] == workspace
     assert variables["TMPDIR"] == f"{workspace}/.tmp"
     assert variables["LANG"] == variables["LC_ALL"] == "C.UTF-8"
@@ -121,9 +131,17 @@ async def test_timeout_is_capped_at_the_configured_maximum(tmp_path: Path) -> No
     marker = unique_sleep()
     started = time.monotonic()
     with pytest.raises(ToolError, match="timed out after 1 s"):
-        await bash(timeout_seconds=1).run({"command": f"sleep {marker}", "timeout_seconds": 600}, make_context(tmp_path))
+        await bash(timeout_seconds=1).run(
+            {"command": f"sleep {marker}", "timeout_seconds": 600}, make_context(tmp_path)
+        )
     assert time.monotonic() - started < 5
     assert await wait_until_gone(marker) == []
+
+
+@pytest.mark.parametrize("requested", [float("nan"), float("inf")])
+async def test_a_non_finite_timeout_means_the_maximum(tmp_path: Path, requested: float) -> None:
+    with pytest.raises(ToolError, match="timed out after 1 s"):
+        await bash(timeout_seconds=1).run({"command": "sleep 5", "timeout_seconds": requested}, make_context(tmp_path))
 
 
 async def test_cancellation_kills_the_process_group_and_propagates(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ async def test_read_offset_and_limit_select_lines(workspace: Path) -> None:
     result = await tool.run({"path": "a.txt", "offset": 3, "limit": 2}, make_context(workspace))
     assert result == "line 3\nline 4\n[more lines follow; continue with offset=5]"
     assert await tool.run({"path": "a.txt", "offset": 10}, make_context(workspace)) == "line 10\n"
-    with pytest.raises(ToolError, match="offset 11 is past the end of a.txt, which has 10 lines"):
+    with pytest.raises(ToolError, match=r"offset 11 is past the end of a\.txt, which has 10 lines"):
         await tool.run({"path": "a.txt", "offset": 11}, make_context(workspace))
 
 
@@ -114,7 +114,7 @@ async def test_read_refuses_binary_and_non_utf8_files(workspace: Path) -> None:
 
 async def test_read_of_missing_files_and_folders_is_an_error(workspace: Path) -> None:
     (workspace / "dir").mkdir()
-    with pytest.raises(ToolError, match="nope.txt does not exist"):
+    with pytest.raises(ToolError, match=r"nope\.txt does not exist"):
         await FileReadTool(4096).run({"path": "nope.txt"}, make_context(workspace))
     with pytest.raises(ToolError, match="dir is a directory"):
         await FileReadTool(4096).run({"path": "dir"}, make_context(workspace))
@@ -127,7 +127,7 @@ async def test_read_of_an_unreadable_file_is_an_error(workspace: Path) -> None:
     locked = workspace / "locked.txt"
     locked.write_text("x")
     locked.chmod(0)
-    with pytest.raises(ToolError, match="cannot read locked.txt"):
+    with pytest.raises(ToolError, match=r"cannot read locked\.txt"):
         await FileReadTool(4096).run({"path": "locked.txt"}, make_context(workspace))
 
 

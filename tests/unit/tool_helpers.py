@@ -74,7 +74,8 @@ def processes_with(marker: str) -> list[int]:
 async def wait_for_processes(marker: str, at_least: int, seconds: float = 3.0) -> list[int]:
     """Poll until ``at_least`` processes carry ``marker``; return those found by then."""
     deadline = time.monotonic() + seconds
-    while len(found := processes_with(marker)) < at_least and time.monotonic() < deadline:
+    # Polling: nothing signals when the kernel starts or reaps a process we did not spawn.
+    while len(found := processes_with(marker)) < at_least and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     return found
 
@@ -82,7 +83,7 @@ async def wait_for_processes(marker: str, at_least: int, seconds: float = 3.0) -
 async def wait_until_gone(marker: str, seconds: float = 3.0) -> list[int]:
     """Poll until no process carries ``marker``; return the survivors (empty when all are gone)."""
     deadline = time.monotonic() + seconds
-    while (alive := processes_with(marker)) and time.monotonic() < deadline:
+    while (alive := processes_with(marker)) and time.monotonic() < deadline:  # noqa: ASYNC110 - as above
         await asyncio.sleep(0.05)
     return alive
 

@@ -40,6 +40,7 @@ _QUOTE_LIMIT = 500
 _LISTED_ENTRIES = 20
 _COMMAND_LINE = re.compile(r"^\s*\$ (?P<command>.+)$", re.MULTILINE)
 _RUN_PHRASE = re.compile(r"\brun:\s*(?P<command>[^\n]+)", re.IGNORECASE)
+_BACKTICKED = re.compile(r"`([^`]+)`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +192,8 @@ class MockChatModel:
         else:
             turn = ScriptedTurn(text="Done.")
         delay_ms = self._delay_ms if turn.delay_ms is None else turn.delay_ms
+        # Even a turn without text hands the loop back once, so a cancelled task stops here like with a real model.
+        await asyncio.sleep(0)
         await _stream(turn.text, delay_ms, on_text)
         if turn.error is not None:
             raise LLMError(turn.error.message, kind=turn.error.kind)
@@ -258,7 +261,7 @@ def _command_in(task: str) -> str | None:
         match = pattern.search(task)
         if match:
             command = match.group("command").strip()
-            quoted = re.match(r"`([^`]+)`", command)
+            quoted = _BACKTICKED.match(command)
             command = (quoted.group(1) if quoted else command).strip()
             if command:
                 return command

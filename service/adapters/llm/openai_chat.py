@@ -35,12 +35,18 @@ from openai.types.chat import (
     ChatCompletionToolMessageParam,
     ChatCompletionUserMessageParam,
 )
-from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
+from openai.types.chat.chat_completion_chunk import (
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+)
 from openai.types.completion_usage import CompletionUsage
 
 from service.config import Settings
 from service.domain.llm import ChatResponse, LLMError, Message, TextSink, ToolCall, ToolSpec, Usage
 
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 KEYLESS_API_KEY = "not-needed"
 """Sent when no key is configured: keyless OpenAI-compatible servers (vLLM, Ollama) take any bearer token."""
 
@@ -76,7 +82,8 @@ class OpenAIChatModel:
         self._api_key = api_key or KEYLESS_API_KEY
         self._client = openai.AsyncOpenAI(
             api_key=self._api_key,
-            base_url=base_url,
+            # Given always: left out, the SDK would read OPENAI_BASE_URL itself, behind the Settings' back.
+            base_url=base_url or OPENAI_BASE_URL,
             timeout=timeout_seconds,
             max_retries=max_retries,
         )
@@ -103,22 +110,15 @@ class OpenAIChatModel:
     async def chat(self, messages: Sequence[Message], tools: Sequence[ToolSpec], on_text: TextSink) -> ChatResponse:
         wire_messages = to_wire_messages(messages)
         try:
-            if tools:
-                stream = await self._client.chat.completions.create(
-                    model=self._model,
-                    messages=wire_messages,
-                    tools=to_wire_tools(tools),
-                    tool_choice="auto",
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-            else:
-                stream = await self._client.chat.completions.create(
-                    model=self._model,
-                    messages=wire_messages,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
+            stream = await self._client.chat.completions.create(
+                model=self._model,
+                messages=wire_messages,
+                # Some servers refuse an empty tool list, so no tools means no tool fields at all.
+                tools=to_wire_tools(tools) if tools else openai.omit,
+                tool_choice="auto" if tools else openai.omit,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
         except openai.OpenAIError as exc:
             raise self._error(exc, streaming=False) from None
 
@@ -206,7 +206,8 @@ def _server_message(body: object) -> str:
 
 def redact(text: str, secret: str) -> str:
     """``text`` without ``secret`` and without anything shaped like an OpenAI key or a bearer token."""
-    if secret and secret != KEYLESS_API_KEY:
+    # A very short "key" (a test value) would blank out ordinary words; real keys are long.
+    if len(secret) >= 8 and secret != KEYLESS_API_KEY:
         text = text.replace(secret, "***")
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda match: (match.group(1) if match.groups() else "sk-") + "***", text)
@@ -307,14 +308,18 @@ class _Turn:
             raise LLMError("the model's stream held a chunk whose choices are not a list", kind="stream")
         delta_text: list[str] = []
         for choice in choices:
+            if not isinstance(choice, Choice):
+                raise LLMError("the model's stream held a malformed choice", kind="stream")
             # Only the first choice counts: the request never asks for more than one.
-            if getattr(choice, "index", 0) not in (0, None):
+            if choice.index not in (0, None):
                 continue
             if isinstance(choice.finish_reason, str):
                 self.finish_reason = choice.finish_reason
-            delta = choice.delta
+            delta: Any = choice.delta
             if delta is None:
                 continue
+            if not isinstance(delta, ChoiceDelta):
+                raise LLMError("the model's stream held a malformed delta", kind="stream")
             for piece in (delta.content, delta.refusal):
                 if isinstance(piece, str) and piece:
                     delta_text.append(piece)
@@ -337,9 +342,11 @@ class _Turn:
             # The id and name come on the first delta of a call; some servers repeat them, so the first wins.
             if isinstance(delta.id, str) and delta.id and not pending.id:
                 pending.id = delta.id
-            function = delta.function
+            function: Any = delta.function
             if function is None:
                 continue
+            if not isinstance(function, ChoiceDeltaToolCallFunction):
+                raise LLMError("the model's stream held a malformed tool call", kind="stream")
             if isinstance(function.name, str) and function.name and not pending.name:
                 pending.name = function.name
             if isinstance(function.arguments, str):

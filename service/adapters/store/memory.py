@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from bisect import bisect_right
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
@@ -82,8 +83,11 @@ class MemorySessionStore:
         self._tasks: dict[str, Task] = {}
 
     async def create_session(self, session: Session) -> Session:
-        stored = self._sessions.setdefault(session.id, copy.deepcopy(session))
-        return copy.deepcopy(stored)
+        if session.id not in self._sessions:
+            stored = copy.deepcopy(session)
+            stored.created_at, stored.updated_at = _utc(stored.created_at), _utc(stored.updated_at)
+            self._sessions[session.id] = stored
+        return copy.deepcopy(self._sessions[session.id])
 
     async def get_session(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
@@ -118,7 +122,7 @@ class MemorySessionStore:
     async def create_task(self, task: Task) -> None:
         if task.id in self._tasks:
             raise ValueError(f"task {task.id} exists already")
-        self._tasks[task.id] = copy.deepcopy(task)
+        self._tasks[task.id] = _stored_task(task)
 
     async def get_task(self, task_id: str) -> Task | None:
         task = self._tasks.get(task_id)
@@ -128,7 +132,7 @@ class MemorySessionStore:
         stored = self._tasks.get(task.id)
         if stored is not None:
             # Where the task belongs never changes, as in the SQL store.
-            updated = copy.deepcopy(task)
+            updated = _stored_task(task)
             updated.session_id, updated.owner = stored.session_id, stored.owner
             self._tasks[task.id] = updated
 
@@ -154,3 +158,16 @@ class MemorySessionStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _utc(moment: datetime) -> datetime:
+    """Times come back in UTC from every store (naive means UTC), as from the SQL one."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _stored_task(task: Task) -> Task:
+    stored = copy.deepcopy(task)
+    stored.created_at = _utc(stored.created_at)
+    stored.started_at = None if stored.started_at is None else _utc(stored.started_at)
+    stored.finished_at = None if stored.finished_at is None else _utc(stored.finished_at)
+    return stored

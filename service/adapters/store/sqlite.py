@@ -9,11 +9,11 @@ connection safe without locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -138,7 +138,7 @@ class SqliteDatabase:
             self._executor.shutdown(wait=True)
 
 
-@contextmanager
+@contextlib.contextmanager
 def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction: committed when the block ends, rolled back when it raises.
 
@@ -147,11 +147,17 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield connection
+        connection.execute("COMMIT")
     except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
+        # Also after a failed COMMIT: a transaction left open would make every later BEGIN fail.
+        _rollback(connection)
         raise
-    connection.execute("COMMIT")
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # the first error is the one worth raising
+            connection.execute("ROLLBACK")
 
 
 def to_db_time(moment: datetime) -> str:
@@ -198,6 +204,5 @@ def _migrate(connection: sqlite3.Connection) -> None:
         try:
             connection.executescript(script)
         except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
+            _rollback(connection)
             raise

@@ -81,7 +81,7 @@ class SqliteEventLog:
         """Rows of a failed batch, written first with the next one."""
         self._inflight: list[_Row] = []
         self._settled_id = next_id - 1
-        """Every id up to this one is written (or given up): readers wait for it to pass their session's rows."""
+        """Every id up to this one is written, deleted or given up: readers wait for it to pass their rows."""
         self._since_trim: dict[str, int] = {}
         self._trim_due: set[str] = set()
         self._deletes: dict[str, int] = {}
@@ -184,7 +184,7 @@ class SqliteEventLog:
 
     async def _wait_until(self, target: int) -> None:
         lost = self._lost_batches
-        while self._settled_id < target:
+        while self._settled_id < target and self._has_work():
             progress = self._progress
             self._wake.set()
             if self._flusher.done():
@@ -192,6 +192,9 @@ class SqliteEventLog:
             await progress.wait()
         if self._lost_batches != lost:
             raise Unavailable("the event store could not write; events may be missing") from self._last_error
+
+    def _has_work(self) -> bool:
+        return bool(self._queued or self._retry or self._inflight or self._trim_due or self._deletes)
 
     def _restart_flusher(self) -> None:
         # The flusher catches every error of a write, so this only happens when it was cancelled from outside.
@@ -202,11 +205,13 @@ class SqliteEventLog:
         failures = 0
         while True:
             self._wake.clear()
-            if not (self._queued or self._retry or self._trim_due or self._deletes):
+            if not self._has_work():
                 if self._closing:
                     return
                 await self._wake.wait()
                 continue
+            # Every id up to here is in this batch, in an earlier one, or was deleted before being written.
+            batch_top = self._next_id - 1
             batch = self._retry + self._queued if self._retry else self._queued
             self._retry, self._queued, self._inflight = [], [], batch
             trims, self._trim_due = self._trim_due, set()
@@ -237,8 +242,7 @@ class SqliteEventLog:
                 self._last_error = None
                 _settle(waiters, None)
             self._inflight = []
-            if batch:
-                self._settled_id = batch[-1][0]
+            self._settled_id = batch_top
             self._signal_progress()
 
     def _requeue(self, batch: list[_Row], trims: set[str], deletes: dict[str, int],

@@ -28,9 +28,7 @@ def build_tools(settings: Settings) -> list[Tool]:
     Names there that no tool has are ignored, so a stale entry does not stop the server.
     """
     tools: list[Tool] = [
-        BashTool(
-            timeout_seconds=settings.bash_timeout_seconds, output_limit_bytes=settings.tool_output_limit_bytes
-        ),
+        BashTool(timeout_seconds=settings.bash_timeout_seconds, output_limit_bytes=settings.tool_output_limit_bytes),
         FileReadTool(output_limit_bytes=settings.tool_output_limit_bytes),
         FileWriteTool(),
         FileEditTool(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -15,6 +16,7 @@ from service.domain.tools import ToolContext, ToolError
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 """The commands' PATH: fixed, not inherited, as the server's own PATH (a virtualenv, say) is not theirs."""
 
+_TMP_FOLDER = ".tmp"
 _READ_CHUNK = 64 * 1024
 # On Python 3.11 Process.wait() returns only once the output pipe is closed too, and a background child can
 # hold it open for ever; so the main process's exit is noticed by polling ``returncode``, this often.
@@ -135,12 +137,16 @@ class BashTool:
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
         command = str(arguments["command"])
         timeout = self._timeout_for(arguments.get("timeout_seconds"))
-        workspace = context.workspace.resolve()
-        tmp = workspace / ".tmp"
-        await asyncio.to_thread(tmp.mkdir, parents=True, exist_ok=True)
+        try:
+            workspace = await asyncio.to_thread(_prepare, context.workspace)
+        except OSError as exc:
+            raise ToolError(f"cannot prepare the workspace: {exc.strerror or exc}") from None
+        tmp = workspace / _TMP_FOLDER
         try:
             process = await asyncio.create_subprocess_exec(
-                "/bin/bash", "-c", command,
+                "/bin/bash",
+                "-c",
+                command,
                 cwd=workspace,
                 env=self._environment(workspace, tmp),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -172,7 +178,8 @@ class BashTool:
         return _result(output, process.returncode)
 
     def _timeout_for(self, requested: Any) -> float:
-        if requested is None:
+        # JSON from the model may carry NaN or Infinity (json.loads accepts both): they mean the default.
+        if requested is None or not math.isfinite(float(requested)):
             return self._timeout
         return min(max(float(requested), 1.0), self._timeout)
 
@@ -187,6 +194,13 @@ class BashTool:
             "LC_ALL": "C.UTF-8",
             "TERM": "dumb",
         }
+
+
+def _prepare(workspace: Path) -> Path:
+    """The workspace's real path, once it and its temporary folder exist."""
+    root = workspace.resolve()
+    (root / _TMP_FOLDER).mkdir(parents=True, exist_ok=True)
+    return root
 
 
 async def _wait_for_exit(process: asyncio.subprocess.Process, reader: asyncio.Task[None]) -> None:

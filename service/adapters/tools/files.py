@@ -1,6 +1,6 @@
 """The file tools: read, write and edit UTF-8 text files in the workspace.
 
-Every path goes through :func:`resolve_in_workspace`; the disk work runs in a thread so the event loop never
+Every path goes through :func:`locate_in_workspace`; the disk work runs in a thread so the event loop never
 waits on it. Files are handled as bytes, so line endings are kept exactly as they are.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from service.adapters.tools.workspace import resolve_in_workspace, workspace_relative
+from service.adapters.tools.workspace import locate_in_workspace
 from service.domain.tools import ToolContext, ToolError
 
 # A NUL byte in the first block marks a binary file, as git and grep decide.
@@ -73,8 +73,7 @@ class FileReadTool:
         )
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        path = resolve_in_workspace(context.workspace, str(arguments["path"]))
-        shown = workspace_relative(context.workspace, path)
+        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         offset = int(arguments.get("offset", 1))
         limit = arguments.get("limit")
         try:
@@ -96,8 +95,7 @@ class FileWriteTool:
     parameters = _WRITE_PARAMETERS
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        path = resolve_in_workspace(context.workspace, str(arguments["path"]))
-        shown = workspace_relative(context.workspace, path)
+        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         data = str(arguments["content"]).encode("utf-8")
         await asyncio.to_thread(_write, path, shown, data)
         return f"wrote {len(data)} bytes to {shown}"
@@ -125,8 +123,7 @@ class FileEditTool:
             raise ToolError("old_string is empty; to write a whole file use file_write")
         if old == new:
             raise ToolError("old_string and new_string are the same; there is nothing to change")
-        path = resolve_in_workspace(context.workspace, str(arguments["path"]))
-        shown = workspace_relative(context.workspace, path)
+        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         replace_all = bool(arguments.get("replace_all", False))
         try:
             count = await asyncio.to_thread(_edit, path, shown, old, new, replace_all)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.adapters.tools.workspace import resolve_in_workspace, workspace_relative
+from service.adapters.tools.workspace import locate_in_workspace
 from service.domain.tools import ToolContext, ToolError
 
 _T = TypeVar("_T")
@@ -68,14 +68,13 @@ class ListFilesTool:
         )
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        folder = resolve_in_workspace(context.workspace, str(arguments.get("path", ".")))
-        shown = workspace_relative(context.workspace, folder)
-        if not folder.is_dir():
-            raise ToolError(f"{shown} is not a folder" if folder.exists() else f"{shown} does not exist")
-        root = context.workspace.resolve()
+        folder, shown = await locate_in_workspace(context.workspace, str(arguments.get("path", ".")))
         recursive = bool(arguments.get("recursive", False))
 
         def collect(stop: threading.Event) -> tuple[list[str], bool]:
+            if not folder.is_dir():
+                raise ToolError(f"{shown} is not a folder" if folder.exists() else f"{shown} does not exist")
+            root = context.workspace.resolve()
             entries: list[str] = []
             for entry in _walk(folder, recursive, stop):
                 if len(entries) == self._max:
@@ -122,13 +121,13 @@ class GrepTool:
             pattern = re.compile(str(arguments["pattern"]), flags)
         except re.error as exc:
             raise ToolError(f"invalid regular expression: {exc}") from None
-        start = resolve_in_workspace(context.workspace, str(arguments.get("path", ".")))
-        if not start.exists():
-            raise ToolError(f"{workspace_relative(context.workspace, start)} does not exist")
-        root = context.workspace.resolve()
+        start, shown = await locate_in_workspace(context.workspace, str(arguments.get("path", ".")))
         glob = arguments.get("glob")
 
         def search(stop: threading.Event) -> tuple[list[str], bool]:
+            if not start.exists():
+                raise ToolError(f"{shown} does not exist")
+            root = context.workspace.resolve()
             matches: list[str] = []
             for path in _files(start, stop):
                 relative = path.relative_to(root).as_posix()

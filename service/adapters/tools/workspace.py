@@ -7,6 +7,7 @@ re-pointed by a command before it is used.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path, PurePosixPath
 
 from service.domain.tools import ToolError
@@ -48,3 +49,14 @@ def workspace_relative(workspace: Path, path: Path) -> str:
     the workspace itself."""
     relative = path.relative_to(workspace.resolve()).as_posix()
     return relative or "."
+
+
+async def locate_in_workspace(workspace: Path, relative: str) -> tuple[Path, str]:
+    """:func:`resolve_in_workspace` and :func:`workspace_relative` together, run in a thread: resolving a path
+    reads the disk, which the event loop must not wait on."""
+
+    def locate() -> tuple[Path, str]:
+        path = resolve_in_workspace(workspace, relative)
+        return path, workspace_relative(workspace, path)
+
+    return await asyncio.to_thread(locate)
