@@ -8,12 +8,14 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -432,6 +434,9 @@ def follow_and_submit(shell: Shell, sections: dict[str, list[str]]) -> str:
     finally:
         follower.kill()
         follower.wait(10)
+        reader = LINE_READERS.pop(follower.pid, None)
+        while reader is not None and reader.get(timeout=10) is not None:
+            pass  # the reader thread reaches the end of the output before the pipe is closed under it
         if follower.stdout is not None:
             follower.stdout.close()
     task_id: str = accepted["task_id"]
@@ -470,21 +475,44 @@ def test_the_readme_curl_commands_work_as_written(server: ServerProcess) -> None
         assert json.loads(shell.run(command)) == promised_body
 
 
-def read_lines_until(process: subprocess.Popen[str], stop: Any, timeout: float = STREAM_TIMEOUT) -> list[str]:
-    """Lines of ``process``'s output up to and including the first one ``stop`` accepts (in a thread-free way:
-    curl writes each SSE line as it comes, and ``readline`` returns as soon as one is complete)."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
+def read_lines_until(process: subprocess.Popen[str], stop: Callable[[str], bool]) -> list[str]:
+    """Lines of ``process``'s output up to and including the first one ``stop`` accepts, within a deadline."""
     lines: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line == "":
+    reader = LINE_READERS.get(process.pid)
+    if reader is None:
+        reader = LINE_READERS[process.pid] = start_line_reader(process)
+    deadline = time.monotonic() + STREAM_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out: {lines}")
+        try:
+            line = reader.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
             raise AssertionError(f"the stream ended: {lines}")
-        line = line.rstrip("\r\n")
         lines.append(line)
         if stop(line):
             return lines
-    raise AssertionError(f"timed out: {lines}")
+
+
+LINE_READERS: dict[int, queue.Queue[str | None]] = {}
+
+
+def start_line_reader(process: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """A thread that hands over the process's output a line at a time (None at the end), so reads can time out."""
+    assert process.stdout is not None
+    stdout = process.stdout
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line.rstrip("\r\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
 
 
 # alex-server run

@@ -329,6 +329,7 @@ async def test_a_crashing_tool_goes_to_the_model_and_the_loop_goes_on(tmp_path: 
     ("name", "arguments", "expected"),
     [
         ("echo", "{not json", "arguments are not valid JSON"),
+        ("echo", '{"text": NaN}', "arguments are not valid JSON"),
         ("echo", "[1, 2]", "arguments must be a JSON object"),
         ("echo", "{}", "invalid arguments: arguments.text is required"),
         ("echo", '{"text": 3}', "invalid arguments: arguments.text must be of type string"),

@@ -159,6 +159,7 @@ def test_timestamps_are_utc_with_milliseconds() -> None:
     assert format_timestamp(MOMENT) == "2025-10-02T10:00:00.123Z"
     assert format_timestamp(datetime(2025, 1, 1, tzinfo=UTC)) == "2025-01-01T00:00:00.000Z"
     assert format_timestamp(datetime(2025, 1, 1, 23, 59, 59, 999999, tzinfo=UTC)) == "2025-01-01T23:59:59.999Z"
+    assert format_timestamp(datetime(2025, 10, 2, 10, 0, 0, 7000)) == "2025-10-02T10:00:00.007Z"  # naive is UTC
     paris = timezone(timedelta(hours=2))
     assert format_timestamp(datetime(2025, 10, 2, 12, 0, 0, 5000, tzinfo=paris)) == "2025-10-02T10:00:00.005Z"
 

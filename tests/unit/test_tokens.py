@@ -182,14 +182,17 @@ def test_an_existing_secret_file_is_used(tmp_path: Path) -> None:
     assert load_or_create_secret(path) == SECRET
 
 
-def test_an_empty_secret_file_is_never_used_as_the_key(tmp_path: Path) -> None:
+def test_an_empty_secret_file_is_refused_not_used_as_the_key(tmp_path: Path) -> None:
     path = tmp_path / "jwt_secret"
-    path.write_text("")
-    try:
-        secret = load_or_create_secret(path)
-    except ValueError:
-        return  # refusing, with a message naming the file, is as good as making a new one
-    assert secret.strip()
+    path.write_text(" \n")
+    with pytest.raises(ValueError, match="empty") as caught:
+        load_or_create_secret(path)
+    assert str(path) in str(caught.value)
+
+
+def test_making_the_secret_leaves_no_other_file(tmp_path: Path) -> None:
+    load_or_create_secret(tmp_path / "jwt_secret")
+    assert [p.name for p in tmp_path.iterdir()] == ["jwt_secret"]
 
 
 def test_signing_key_prefers_the_configured_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
