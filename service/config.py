@@ -77,8 +77,15 @@ class Settings(BaseSettings):
     # Auth
     auth: Literal["enabled", "disabled"] = "enabled"
     jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    """A PEM public key (RS*, PS*, ES*, EdDSA tokens); or its file in ``ALEX_JWT_PUBLIC_KEY_FILE``."""
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_url: str | None = None
+    jwt_jwks_cache_seconds: float = Field(default=600.0, gt=0)
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=600)
+    """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
 
     # Logs
     log_format: Literal["console", "json"] | None = None
@@ -109,6 +116,29 @@ class Settings(BaseSettings):
         if self.llm_provider == "openai" and self.openai_api_key is None and self.base_url is None:
             raise ValueError("ALEX_LLM_PROVIDER: openai needs OPENAI_API_KEY (or ALEX_BASE_URL for a keyless server)")
         return self
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        given = [name for name, value in (("ALEX_JWT_SECRET", self.jwt_secret),
+                                          ("ALEX_JWT_PUBLIC_KEY", self.jwt_public_key),
+                                          ("ALEX_JWT_PUBLIC_KEY_FILE", self.jwt_public_key_file),
+                                          ("ALEX_JWT_JWKS_URL", self.jwt_jwks_url)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: set only one of {', '.join(given)}")
+        if self.jwt_jwks_url is not None and not self.jwt_jwks_url.startswith(("https://", "http://")):
+            raise ValueError("ALEX_JWT_JWKS_URL: expected an http(s) URL")
+        if self.jwt_public_key_file is not None:
+            try:
+                self.jwt_public_key_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"ALEX_JWT_PUBLIC_KEY_FILE: cannot read it ({exc.strerror})") from None
+        return self
+
+    @property
+    def public_key_pem(self) -> str | None:
+        if self.jwt_public_key_file is not None:
+            return self.jwt_public_key_file.read_text()
+        return self.jwt_public_key
 
     @property
     def provider(self) -> Literal["openai", "mock"]:

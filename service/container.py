@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import structlog
 
+from service.adapters.auth.jwks import JwksKeys
 from service.adapters.broker.memory import MemoryBroker
 from service.adapters.llm import build_chat_model
 from service.adapters.store.sqlite import SqliteDatabase
@@ -26,7 +28,7 @@ from service.config import Settings
 from service.domain.engine import DEFAULT_SYSTEM_PROMPT, EngineConfig, ReactEngine
 from service.domain.llm import ChatModel
 from service.domain.tools import Tool, ToolRegistry
-from service.tokens import SigningKey, TokenVerifier, signing_key
+from service.tokens import KeySource, PublicKey, SigningKey, TokenVerifier, signing_key
 
 log = structlog.get_logger("service.container")
 
@@ -123,8 +125,20 @@ async def build_container(
         stream_buffer_size=settings.sse_buffer_size,
         max_streams_per_client=settings.max_streams_per_client,
     )
-    key = signing_key(settings) if settings.auth_enabled else None
-    verifier = (
-        TokenVerifier(key.secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience) if key else None
-    )
+    key: SigningKey | None = None
+    verifier: TokenVerifier | None = None
+    if settings.auth_enabled:
+        source: KeySource | str
+        pem = settings.public_key_pem
+        if pem is not None:
+            source = PublicKey(pem)
+        elif settings.jwt_jwks_url is not None:
+            http = httpx.AsyncClient(follow_redirects=False)
+            closers.append(http.aclose)
+            source = JwksKeys(settings.jwt_jwks_url, http, max_age_seconds=settings.jwt_jwks_cache_seconds)
+        else:
+            key = signing_key(settings)
+            source = key.secret
+        verifier = TokenVerifier(source, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                                 leeway=settings.jwt_leeway_seconds)
     return Container(settings, store, events, chat_model, runner, sessions, verifier, key, closers)

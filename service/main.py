@@ -17,6 +17,7 @@ from service import __version__
 from service.api.access_log import AccessLog
 from service.api.limits import BodySizeLimit
 from service.api.problems import install_problem_handlers
+from service.api.ratelimit import RateLimitHeaders, RateLimits
 from service.api.routes import health, sessions, stream, tasks
 from service.config import Settings
 from service.container import Container, build_container
@@ -46,6 +47,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         summary="Runs AI-agent tasks and streams every step over Server-Sent Events.",
         lifespan=lifespan,
     )
+    app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
     for router in (health.router, tasks.router, sessions.router, stream.router):
         app.include_router(router)
@@ -57,6 +59,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After", "Location"],
     )
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog)
     return app

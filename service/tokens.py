@@ -1,7 +1,12 @@
 """JWTs: verifying the callers' tokens and minting tokens for the configured key.
 
-Keys: ``ALEX_JWT_SECRET`` (HS256), or, with none configured, a random secret the server makes once and keeps in
-its data folder (mode 0600), so that a fresh install is secure and ``alex-server token`` works at once.
+Keys, one of: ``ALEX_JWT_SECRET`` (HS256); ``ALEX_JWT_PUBLIC_KEY`` or ``ALEX_JWT_PUBLIC_KEY_FILE`` (a PEM public key:
+RSA for RS256/RS384/RS512/PS256…, EC for ES256/ES384/ES512, Ed25519 for EdDSA); ``ALEX_JWT_JWKS_URL`` (a key set,
+see ``service.adapters.auth.jwks``). With none configured, the server makes a random secret once and keeps it in its
+data folder (mode 0600), so that a fresh install is secure and ``alex-server token`` works at once.
+
+Each key source fixes the algorithms it accepts, so ``alg: none`` and algorithm confusion (an HS256 token signed
+with a public key's bytes) are refused before any signature is checked.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from service.app.access import Principal
 from service.config import Settings
@@ -30,6 +37,71 @@ class InvalidToken(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class KeyNotCached(Exception):
+    """The token names a key (``kid``) the verifier does not hold yet: refresh the key set, then verify again."""
+
+
+class KeysUnavailable(Exception):
+    """The key set cannot be had right now (its server does not answer): the token can be neither accepted nor
+    refused, so the caller answers 503, never 401 and never 500."""
+
+
+class KeySource(Protocol):
+    """Where the verification key for a token comes from, with the algorithms it may be used with."""
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        """The key and its allowed algorithms for a token with this header; may raise :class:`KeyNotCached`
+        or :class:`InvalidToken`."""
+
+    async def refresh(self, kid: str | None) -> None:
+        """Fetch the key set again (when the source has one); may raise :class:`KeysUnavailable`."""
+
+
+class SharedSecret:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        return self._secret, [ALGORITHM]
+
+    async def refresh(self, kid: str | None) -> None:
+        return None
+
+
+def algorithms_for(key: Any) -> list[str]:
+    """The signature algorithms a public key may verify, by its type: never an HMAC one."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp256r1": ["ES256"], "secp384r1": ["ES384"], "secp521r1": ["ES512"]}.get(key.curve.name, [])
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return ["EdDSA"]
+    return []
+
+
+class PublicKey:
+    """A PEM public key (``ALEX_JWT_PUBLIC_KEY`` or ``_FILE``)."""
+
+    def __init__(self, pem: str) -> None:
+        try:
+            self._key = load_pem_public_key(pem.encode())
+        except ValueError:
+            raise ValueError("not a PEM public key") from None
+        self._algorithms = algorithms_for(self._key)
+        if not self._algorithms:
+            raise ValueError("the key type is not supported (use RSA, EC P-256/384/521 or Ed25519)")
+
+    @property
+    def algorithms(self) -> list[str]:
+        return list(self._algorithms)
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        return self._key, self._algorithms
+
+    async def refresh(self, kid: str | None) -> None:
+        return None
 
 
 def load_or_create_secret(path: Path) -> str:
@@ -89,20 +161,39 @@ def parse_scopes(claims: dict[str, Any]) -> frozenset[str]:
 
 
 class TokenVerifier:
-    def __init__(self, secret: str, *, issuer: str | None = None, audience: str | None = None,
+    """Checks a token's signature and claims (``sub`` and ``exp`` required; ``nbf``/``iat`` with a leeway;
+    ``iss``/``aud`` when configured) and returns who it names."""
+
+    def __init__(self, keys: str | KeySource, *, issuer: str | None = None, audience: str | None = None,
                  leeway: float = LEEWAY_SECONDS) -> None:
-        self._secret = secret
+        self._keys: KeySource = SharedSecret(keys) if isinstance(keys, str) else keys
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
 
+    async def refresh_keys(self, token: str) -> None:
+        """Fetch the key set again for a token whose key is unknown; :class:`KeysUnavailable` when it can't."""
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError:
+            raise InvalidToken("malformed token") from None
+        await self._keys.refresh(kid if isinstance(kid, str) else None)
+
     def verify(self, token: str) -> Principal:
+        """The principal of a valid token; :class:`InvalidToken`, or :class:`KeyNotCached` for an unknown key."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidToken("malformed token") from None
+        key, algorithms = self._keys.key_for(header)
+        if header.get("alg") not in algorithms:
+            raise InvalidToken("algorithm not allowed")
         options: jwt.types.Options = {"require": ["sub", "exp"], "verify_aud": self._audience is not None}
         try:
             claims = jwt.decode(
                 token,
-                self._secret,
-                algorithms=[ALGORITHM],
+                key,
+                algorithms=algorithms,
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=self._leeway,
@@ -122,7 +213,7 @@ class TokenVerifier:
             raise InvalidToken("algorithm not allowed") from None
         except jwt.InvalidSignatureError:
             raise InvalidToken("bad signature") from None
-        except jwt.InvalidTokenError:
+        except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:

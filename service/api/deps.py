@@ -8,11 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.problems import ApiError
+from service.api.ratelimit import limit
 from service.app.access import SCOPES, Principal
 from service.app.runner import TaskRunner
 from service.app.sessions import SessionService
 from service.container import Container
-from service.tokens import InvalidToken
+from service.tokens import InvalidToken, KeyNotCached, KeysUnavailable
 
 COOKIE_NAME = "alex_token"
 QUERY_TOKEN = "access_token"  # noqa: S105 -- the parameter's name, not a secret
@@ -60,14 +61,49 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
+def token_subject(request: Request) -> str | None:
+    """The subject of the request's token when it is valid, else None; verified once per request (cached).
+
+    Rate limits key on it before authentication runs, so that requests without a valid token count by address.
+    """
+    cached: Principal | None = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached.subject
+    container = get_container(request)
+    if container.verifier is None:
+        return _ANONYMOUS.subject
+    try:
+        token = bearer_token(request)
+        if token is None:
+            return None
+        principal = container.verifier.verify(token)
+    except (ApiError, InvalidToken, KeyNotCached, KeysUnavailable):
+        return None
+    request.state.principal = principal
+    return principal.subject
+
+
 async def authenticate(request: Request, container: ContainerDep) -> Principal:
     if container.verifier is None:
         return _ANONYMOUS
+    cached: Principal | None = getattr(request.state, "principal", None)
+    if cached is not None:
+        return cached
     token = bearer_token(request)
     if token is None:
         raise ApiError(401, "a bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="alex-server"'})
     try:
-        principal = container.verifier.verify(token)
+        try:
+            principal = container.verifier.verify(token)
+        except KeyNotCached:
+            await container.verifier.refresh_keys(token)
+            principal = container.verifier.verify(token)
+    except KeyNotCached:
+        raise ApiError(401, "invalid token: unknown signing key",
+                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+    except KeysUnavailable:
+        raise ApiError(503, "tokens cannot be verified right now (the key set is unavailable); retry shortly",
+                       headers={"Retry-After": "5"}) from None
     except InvalidToken as exc:
         raise ApiError(
             401,
@@ -93,6 +129,9 @@ def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
 
     return check
 
+
+TASKS_LIMIT = Depends(limit("tasks", token_subject))
+DEFAULT_LIMIT = Depends(limit("default", token_subject))
 
 TaskWriter = Annotated[Principal, Depends(require("tasks:write"))]
 SessionReader = Annotated[Principal, Depends(require("sessions:read"))]

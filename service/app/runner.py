@@ -52,6 +52,8 @@ class _Handle:
     cancel_reason: str | None = None
     interrupted: bool = False
     started: bool = False
+    finishing: bool = False
+    """The outcome is decided and being stored: a cancel now would only lose it."""
 
 
 class TaskRunner:
@@ -185,8 +187,8 @@ class TaskRunner:
             return
         handle.cancel_reason = reason
         # A job cancelled before its first step never enters its body (nothing would record the cancellation):
-        # one that has not started sees the reason when it does.
-        if handle.started:
+        # one that has not started sees the reason when it does. One that is storing its outcome is let finish.
+        if handle.started and not handle.finishing:
             handle.job.cancel()
 
     def _release(self, handle: _Handle) -> None:
@@ -213,19 +215,23 @@ class TaskRunner:
             todos = SessionTodoList(self._store, task.session_id)
             result = await self._engine.run(request, conversation, LogSink(self._events), workspace=workspace,
                                             todos=todos)
+            handle.finishing = True
             self._record(task, result)
         except asyncio.CancelledError:
+            handle.finishing = True
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
             await self._cancelled(handle)
         except Exception as exc:  # a bug or a storage failure: the task fails visibly, the server goes on
+            handle.finishing = True
             log.exception("task_crashed", task_id=task.id)
             task.status, task.error = TaskStatus.FAILED, f"internal error: {type(exc).__name__}"
             with contextlib.suppress(Exception):
                 await self._events.append(ErrorEvent(session_id=task.session_id, task_id=task.id,
                                                      trace_id=task.trace_id, error=task.error, recoverable=False))
         finally:
+            handle.finishing = True
             task.finished_at = utc_now()
             try:
                 if loaded:

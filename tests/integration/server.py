@@ -39,6 +39,9 @@ class ServerProcess:
             "ALEX_LOG_FORMAT": "json",
             "ALEX_JWT_SECRET": SECRET,
             "ALEX_MOCK_DELAY_MS": "0",
+            # Functional tests submit many tasks quickly; the rate-limit tests set their own limits.
+            "ALEX_RATE_LIMIT_TASKS": "10000/minute",
+            "ALEX_RATE_LIMIT_DEFAULT": "100000/minute",
             **(env or {}),
         }
         self.logs: list[dict[str, Any]] = []

@@ -366,12 +366,6 @@ async def test_a_task_stopped_before_it_started_is_recorded_and_frees_its_sessio
     assert rig.runner.running_count == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: service/app/runner.py _request_cancel cancels a job that is already in _execute's finally; the "
-    "CancelledError lands in save_messages (a database await), so the messages and the final update_task are "
-    "skipped: the finished task stays stored as 'running'",
-)
 @pytest.mark.parametrize("how", ["cancel", "shutdown"])
 async def test_a_stop_while_the_result_is_saved_does_not_lose_it(rigs: RigFactory, how: str) -> None:
     rig = rigs([answer("all done")])

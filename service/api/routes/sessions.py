@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.deps import SessionReader, SessionsDep, SessionWriter
+from service.api.deps import DEFAULT_LIMIT, SessionReader, SessionsDep, SessionWriter
 from service.api.schemas import EventList, Problem, SessionList, SessionView
 
-router = APIRouter(prefix="/api/sessions", tags=["sessions"])
+router = APIRouter(prefix="/api/sessions", tags=["sessions"], dependencies=[DEFAULT_LIMIT])
 
-_PROBLEMS: dict[int | str, dict[str, object]] = {code: {"model": Problem} for code in (401, 403, 404)}
+_PROBLEMS: dict[int | str, dict[str, object]] = {code: {"model": Problem} for code in (401, 403, 404, 429)}
 
 
 @router.get("", response_model=SessionList, responses=_PROBLEMS)

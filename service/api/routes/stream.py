@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from service.api.deps import ContainerDep, SessionReader, SessionsDep
+from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
 from service.api.problems import ApiError
 from service.api.schemas import Problem
 from service.app.access import Principal
@@ -66,6 +66,7 @@ async def _frames(sessions: SessionService, principal: Principal, feed: SessionF
 @router.get(
     "/api/sse",
     response_class=EventSourceResponse,
+    dependencies=[DEFAULT_LIMIT],
     responses={200: {"content": {"text/event-stream": {}}}, **{c: {"model": Problem} for c in (400, 401, 403,
                                                                                               404, 429)}},
 )

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from service.api.deps import RunnerDep, SessionReader, TaskWriter
+from service.api.deps import DEFAULT_LIMIT, TASKS_LIMIT, RunnerDep, SessionReader, TaskWriter
 from service.api.problems import ApiError
 from service.api.schemas import Problem, TaskAccepted, TaskCreate, TaskView
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
 _PROBLEMS: dict[int | str, dict[str, object]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404)
+    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 429)
 }
 
 
@@ -26,7 +26,7 @@ async def require_json(request: Request) -> None:
     "",
     status_code=202,
     response_model=TaskAccepted,
-    dependencies=[Depends(require_json)],
+    dependencies=[TASKS_LIMIT, Depends(require_json)],
     responses={**_PROBLEMS, 409: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem},
                429: {"model": Problem}, 503: {"model": Problem}},
 )
@@ -42,15 +42,15 @@ async def submit_task(body: TaskCreate, principal: TaskWriter, runner: RunnerDep
                         headers={"Location": f"/api/tasks/{task.id}"})
 
 
-@router.get("/{task_id}", response_model=TaskView, responses=_PROBLEMS)
+@router.get("/{task_id}", response_model=TaskView, responses=_PROBLEMS, dependencies=[DEFAULT_LIMIT])
 async def get_task(task_id: str, principal: SessionReader, runner: RunnerDep) -> TaskView:
     """The task's status and, once finished, its answer, iterations, usage and error."""
     task = await runner.get(principal, task_id)
     return TaskView.model_validate(task.to_dict())
 
 
-@router.post("/{task_id}/cancel", status_code=202, response_model=TaskView,
-             responses={**_PROBLEMS, 409: {"model": Problem}})
+@router.post("/{task_id}/cancel", status_code=202, response_model=TaskView, dependencies=[DEFAULT_LIMIT],
+             responses={**_PROBLEMS, 409: {"model": Problem}, 429: {"model": Problem}})
 async def cancel_task(task_id: str, principal: TaskWriter, runner: RunnerDep) -> TaskView:
     """Stop a queued or running task (idempotent). A finished task answers 409."""
     task = await runner.cancel(principal, task_id)

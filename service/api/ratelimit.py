@@ -1,0 +1,133 @@
+"""Per-client rate limits on ``/api``: ``ALEX_RATE_LIMIT_TASKS`` on task creation, ``ALEX_RATE_LIMIT_DEFAULT`` on
+every other route, keyed by the token's subject (by the client's address when there is no valid token).
+
+slowapi's :class:`~slowapi.Limiter` holds the counters (in memory, or in Redis when ``ALEX_REDIS_URL`` is set, so
+that replicas share them) and the window strategy. It is applied here through a route dependency rather than
+slowapi's middlewares: ``SlowAPIMiddleware`` is a ``BaseHTTPMiddleware`` (it breaks streaming and disconnect
+detection) and ``SlowAPIASGIMiddleware`` sends ``http.response.start`` again with every body chunk of a streaming
+response once it adds headers, which would break every event stream. Health, readiness and metrics carry no
+dependency, so they are never limited.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from fastapi import Request
+from limits import RateLimitItem, parse
+from slowapi import Limiter
+from slowapi.util import get_remote_address
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import ApiError
+from service.config import Settings
+
+log = structlog.get_logger("service.api.ratelimit")
+
+HEADERS_STATE_KEY = "rate_limit_headers"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_at: float
+    """Epoch seconds at which the window resets."""
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(math.ceil(self.reset_at)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.reset_at - time.time())))
+        return headers
+
+
+class RateLimits:
+    """The two limits of the API and their counters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._limiter = Limiter(
+            key_func=get_remote_address,
+            storage_uri=settings.redis_url or "memory://",
+            strategy="fixed-window",
+            key_prefix="alex:ratelimit",
+            headers_enabled=True,
+        )
+        self.tasks: RateLimitItem = parse(settings.rate_limit_tasks)
+        self.default: RateLimitItem = parse(settings.rate_limit_default)
+
+    def hit(self, item: RateLimitItem, scope: str, key: str) -> Verdict:
+        """Count one request of ``key`` against ``item`` in ``scope``.
+
+        A storage that does not answer lets the request through (logged): a limiter outage must not become an
+        API outage.
+        """
+        limiter = self._limiter.limiter
+        try:
+            allowed = limiter.hit(item, "alex:ratelimit", scope, key)
+            reset_at, remaining = limiter.get_window_stats(item, "alex:ratelimit", scope, key)
+        except Exception as exc:
+            log.warning("rate_limit_storage_failed", error=type(exc).__name__)
+            return Verdict(True, item.amount, item.amount, time.time() + item.get_expiry())
+        return Verdict(allowed, item.amount, max(0, remaining), reset_at)
+
+    def reset(self) -> None:
+        self._limiter.reset()
+
+
+def client_key(request: Request, subject: str | None) -> str:
+    return f"sub:{subject}" if subject else f"ip:{get_remote_address(request)}"
+
+
+def limit(kind: str, identify: Callable[[Request], str | None]) -> Callable[[Request], Awaitable[None]]:
+    """A dependency that counts the request against the ``tasks`` or ``default`` limit.
+
+    ``identify`` returns the subject of a valid token (or None); it runs before authentication, so requests
+    without a valid token are limited by address.
+    """
+
+    async def check(request: Request) -> None:
+        limits: RateLimits = request.app.state.rate_limits
+        item = limits.tasks if kind == "tasks" else limits.default
+        verdict = limits.hit(item, kind, client_key(request, identify(request)))
+        headers = verdict.headers()
+        request.state.rate_limit_headers = headers
+        if not verdict.allowed:
+            request.state.rate_limited = kind
+            raise ApiError(429, f"rate limit of {item} exceeded; retry after {headers['Retry-After']} s",
+                           headers=headers, title="Too Many Requests")
+
+    return check
+
+
+class RateLimitHeaders:
+    """Adds the ``X-RateLimit-*`` headers a limit dependency recorded to the response (streams included)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state = scope.get("state") or {}
+                recorded: dict[str, str] | None = state.get(HEADERS_STATE_KEY)
+                if recorded:
+                    present = {name.lower() for name, _ in message.get("headers", [])}
+                    extra = [(k.lower().encode(), v.encode()) for k, v in recorded.items()
+                             if k.lower().encode() not in present]
+                    message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
