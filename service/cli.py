@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import os
 import sys
 import time
 from types import FrameType
@@ -13,6 +16,7 @@ import structlog
 import uvicorn
 
 from service import __version__
+from service.adapters.tools.sandbox import SandboxUnavailable, sandbox_from_settings
 from service.app.access import DEFAULT_SCOPES, SCOPES
 from service.config import ConfigError, Settings, load_settings
 from service.main import create_app
@@ -22,6 +26,7 @@ from service.tokens import mint_token, signing_key
 
 log = structlog.get_logger("service.cli")
 
+PR_SET_DUMPABLE = 4
 SHUTDOWN_STREAMS_SECONDS = 3.0
 """How long uvicorn waits for open connections after SIGTERM; streams are closed by the drain well before."""
 
@@ -47,7 +52,24 @@ class DrainingServer(uvicorn.Server):
                 log.info("server_listening", host=host, port=port, url=f"http://{host}:{port}")
 
 
+def harden_process() -> None:
+    """Files the server makes are its own (umask 077: the database, the secret, workspaces), and the process is
+    not dumpable, so a command that runs as the same user cannot read its memory or ``/proc/PID/environ`` (which
+    holds the model's key)."""
+    os.umask(0o077)
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def serve(settings: Settings) -> int:
+    try:
+        sandbox_from_settings(settings)
+    except SandboxUnavailable as exc:
+        print(f"alex-server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    harden_process()
     configure_logging(settings.resolved_log_format, settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -64,7 +86,17 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def _external_keys(settings: Settings) -> bool:
+    if settings.jwt_public_key is None and settings.jwt_public_key_file is None and settings.jwt_jwks_url is None:
+        return False
+    print("alex-server: this server verifies tokens signed by your identity provider (ALEX_JWT_PUBLIC_KEY, "
+          "ALEX_JWT_PUBLIC_KEY_FILE or ALEX_JWT_JWKS_URL); mint them there", file=sys.stderr)
+    return True
+
+
 def token(settings: Settings, args: argparse.Namespace) -> int:
+    if _external_keys(settings):
+        return 2
     scopes = args.scope.split() if args.scope else list(DEFAULT_SCOPES)
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown:
@@ -80,8 +112,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104 -- reading, not binding
     url = args.url or f"http://{host}:{settings.port}"
     bearer = args.token
+    if bearer is None and settings.auth_enabled and _external_keys(settings):
+        return 2
     if bearer is None and settings.auth_enabled:
-            bearer = mint_token(signing_key(settings).secret, "cli", DEFAULT_SCOPES, 3600,
+        bearer = mint_token(signing_key(settings).secret, "cli", DEFAULT_SCOPES, 3600,
                             issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     try:
         return asyncio.run(run_task(url, args.task, args.session, bearer, color=sys.stdout.isatty()))

@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     tool_output_limit_bytes: int = Field(default=64 * 1024, ge=1024)
     disabled_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The bash sandbox (docs/security.md)
+    sandbox_bwrap: Literal["auto", "on", "off"] = "auto"
+    """``auto``: run bash inside bubblewrap when ``bwrap`` is installed; ``on``: refuse to start without it."""
+    sandbox_user: str = "auto"
+    """``uid:gid`` bash runs as; ``auto``: 65534:65534 (nobody) when the server runs as root, else the server's own;
+    ``none``: the server's own."""
+    sandbox_cpu_seconds: int = Field(default=120, ge=1)
+    sandbox_memory_mb: int = Field(default=2048, ge=64)
+    sandbox_file_size_mb: int = Field(default=1024, ge=1)
+    sandbox_max_processes: int = Field(default=256, ge=8)
+    sandbox_max_open_files: int = Field(default=1024, ge=16)
+
     # The server
     port: int = Field(default=8080, ge=0, le=65535, validation_alias=AliasChoices("PORT"))
     host: str = "127.0.0.1"
@@ -99,7 +111,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("log_level", "llm_provider", "log_format", "auth", mode="before")
+    @field_validator("sandbox_user")
+    @classmethod
+    def _uid_gid(cls, value: str) -> str:
+        if value in ("auto", "none") or re.fullmatch(r"\d+:\d+", value):
+            return value
+        raise ValueError("expected uid:gid (numbers), auto or none")
+
+    @field_validator("log_level", "llm_provider", "log_format", "auth", "sandbox_bwrap", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

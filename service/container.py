@@ -82,7 +82,10 @@ async def build_container(
     events: EventLog | None = None,
 ) -> Container:
     closers: list[Any] = []
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Traversable but not listable: the bash sandbox's user reaches its own workspace by path, nothing else.
+    for folder in (settings.data_dir, settings.workspaces_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o711)
     if store is None or events is None:
         db = await SqliteDatabase.open(settings.database_path)
         closers.append(db.close)

@@ -26,11 +26,22 @@ def clean_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("ALEX_", "OPENAI_", "OTEL_")) and k != "PORT"}
 
 
+def make_traversable(folder: Path) -> None:
+    """Let every user pass through ``folder`` and the folders above it that we own (pytest makes them 0700):
+    the server refuses to start when its bash sandbox user cannot reach the workspaces."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in [folder, *folder.parents]:
+        info = step.stat()
+        if info.st_uid == os.getuid() and not info.st_mode & 0o001:
+            step.chmod(info.st_mode | 0o011)
+
+
 class ServerProcess:
     """``alex-server serve`` in a child process; its JSON log lines are collected in :attr:`logs`."""
 
     def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        make_traversable(data_dir.parent)
         self.env = {
             **clean_environment(),
             "PORT": "0",

@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -296,9 +297,12 @@ def wait_for_log(server: ServerProcess, predicate: Any, timeout: float) -> dict[
 
 
 def recv_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything until the server closes the connection or ends the chunked body."""
     received = bytearray()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not received.endswith(b"\r\n0\r\n\r\n"):
+        if time.monotonic() > deadline:
+            raise AssertionError("the server never closed the slow client's stream")
         try:
             chunk = sock.recv(1 << 20)
         except TimeoutError:
@@ -308,16 +312,49 @@ def recv_until_closed(sock: socket.socket, timeout: float) -> bytes:
         if not chunk:
             break
         received += chunk
-    else:
-        raise AssertionError("the server never closed the slow client's connection")
     return bytes(received)
 
 
-def test_a_slow_client_is_cut_off_and_recovers_everything_with_last_event_id(tmp_path: Path) -> None:
+def follow_sync(client: httpx.Client, session_id: str, task_id: str, last_event_id: str) -> list[dict[str, Any]]:
+    """The events after ``last_event_id`` through ``task_id``'s terminal one, on a stream resumed with the header."""
+    events: list[dict[str, Any]] = []
+    with client.stream("GET", "/api/sse", params={"session_id": session_id},
+                       headers={"Last-Event-ID": last_event_id}) as stream:
+        assert stream.status_code == 200
+        data: list[str] = []
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                data.append(line.removeprefix("data: "))
+            elif line == "" and data:
+                body = json.loads("\n".join(data))
+                data = []
+                if "event_type" not in body:
+                    continue  # connected
+                events.append(body)
+                if body["task_id"] == task_id and body["event_type"] in TERMINAL:
+                    return events
+    raise AssertionError(f"the resumed stream ended after {len(events)} events")
+
+
+@dataclass
+class SlowClientRun:
+    server: ServerProcess
+    closed: dict[str, Any]
+    received: list[dict[str, Any]]
+    resumed: list[dict[str, Any]]
+    stored: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def slow_client_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowClientRun]:
+    """A client that opens a stream on a raw socket with a small receive buffer and then reads nothing while a
+    task streams ~18 MB of output in 60 KB lines; once the server has cut it off as slow, it reads what it got and
+    resumes with the Last-Event-ID of the last whole event."""
     session_id = "slow-session"
     command = "for i in $(seq 300); do head -c 60000 /dev/zero | tr '\\0' x; echo; done"
-    with running(tmp_path / "data", ALEX_SSE_BUFFER_SIZE="5", ALEX_TOOL_OUTPUT_LIMIT_BYTES="50000000",
-                 ALEX_SSE_HEARTBEAT_SECONDS="1") as server, httpx.Client(
+    # The model's own text at 1 ms a token, so that only the socket, not a burst of deltas, makes the client slow.
+    with running(tmp_path_factory.mktemp("slow") / "data", ALEX_SSE_BUFFER_SIZE="5", ALEX_MOCK_DELAY_MS="1",
+                 ALEX_TOOL_OUTPUT_LIMIT_BYTES="50000000", ALEX_SSE_HEARTBEAT_SECONDS="1") as server, httpx.Client(
             base_url=server.base_url, headers=auth("alice"), timeout=30.0) as client:
         assert server.port is not None
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -332,52 +369,58 @@ def test_a_slow_client_is_cut_off_and_recovers_everything_with_last_event_id(tmp
                 with contextlib.suppress(TimeoutError):
                     head += sock.recv(512)
             assert head.startswith(b"HTTP/1.1 200"), bytes(head)
-            assert b"event: connected" in head
 
             response = client.post("/api/tasks", json={"task": f"$ {command}", "session_id": session_id})
             assert response.status_code == 202, response.text
             task_id = response.json()["task_id"]
-
             closed = wait_for_log(server, lambda r: r.get("event") == "sse_stream_closed"
                                   and r.get("session_id") == session_id, timeout=60)
-            assert closed["reason"] == "slow_client", closed
-            assert closed["dropped"] > 0
-
             received = bytes(head) + recv_until_closed(sock, timeout=30)
         _, _, body = received.partition(b"\r\n\r\n")
         got = complete_events(dechunk(body))
         assert got, "not one whole event reached the slow client"
-        assert not any(e["event_type"] == "task_complete" for e in got), "the client was never slow"
-
-        # Resume after the last whole event.
-        resumed: list[dict[str, Any]] = []
-        with client.stream("GET", "/api/sse", params={"session_id": session_id},
-                           headers={"Last-Event-ID": got[-1]["id"]}) as stream:
-            assert stream.status_code == 200
-            data: list[str] = []
-            for line in stream.iter_lines():
-                if line.startswith("data:"):
-                    data.append(line.removeprefix("data: "))
-                elif line == "" and data:
-                    body_json = json.loads("\n".join(data))
-                    data = []
-                    if "event_type" not in body_json:
-                        continue  # connected
-                    resumed.append(body_json)
-                    if body_json["task_id"] == task_id and body_json["event_type"] in TERMINAL:
-                        break
-
+        resumed = follow_sync(client, session_id, task_id, got[-1]["id"])
         stored: list[dict[str, Any]] = []
         after = "0"
-        while True:
+        while after is not None:
             page = client.get(f"/api/sessions/{session_id}/events", params={"after": after, "limit": 100}).json()
             stored.extend(page["events"])
-            if page["next_after"] is None:
-                break
             after = page["next_after"]
+        yield SlowClientRun(server, closed, got, resumed, stored)
 
-    assert stored[-1]["event_type"] == "task_complete"
-    assert len([e for e in stored if e["event_type"] == "tool_call_stream"]) == 300
-    union = got + resumed
-    assert [e["id"] for e in union] == [e["id"] for e in stored], "an event was lost or repeated"
-    assert union == stored
+
+def test_a_slow_client_is_cut_off_and_recovers_everything_with_last_event_id(slow_client_run: SlowClientRun) -> None:
+    run = slow_client_run
+    assert run.closed["reason"] == "slow_client", run.closed
+    assert run.closed["dropped"] > 0
+    assert not any(e["event_type"] == "task_complete" for e in run.received), "the client was never slow"
+    assert run.stored[-1]["event_type"] == "task_complete"
+    assert len([e for e in run.stored if e["event_type"] == "tool_call_stream"]) == 300
+    union = run.received + run.resumed
+    assert [e["id"] for e in union] == [e["id"] for e in run.stored], "an event was lost or repeated"
+    assert union == run.stored
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the send timeout that ends a slow client's stream escapes the "
+                                       "route: logged as request_failed with a traceback, and by uvicorn as "
+                                       "'Exception in ASGI application' (service/api/routes/stream.py)")
+def test_a_slow_client_is_not_logged_as_a_server_failure(slow_client_run: SlowClientRun) -> None:
+    logs = slow_client_run.server.logs
+    assert not [r for r in logs if r.get("event") == "request_failed"]
+    assert not [r for r in logs if r.get("level") == "error"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a command printing many short lines publishes one event a line "
+                                       "without yielding, so even a client that keeps up overflows its buffer "
+                                       "and is cut off as slow_client (service/adapters/tools/bash.py _Output.pump)")
+async def test_a_client_that_keeps_up_is_not_cut_off_by_a_burst_of_output(shared_server: ServerProcess) -> None:
+    async with (
+        httpx.AsyncClient(base_url=shared_server.base_url, headers=auth("alice"), timeout=10.0) as client,
+        open_stream(client, "burst-session") as stream,
+    ):
+        task_id = await submit(client, "$ seq 1 3000", "burst-session")
+        events = await take(stream, until_task=task_id)
+    assert events[-1]["event_type"] == "task_complete"
+    cut = [r for r in shared_server.logs
+           if r.get("event") == "sse_stream_closed" and r.get("session_id") == "burst-session"]
+    assert not cut, cut

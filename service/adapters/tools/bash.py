@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from service.adapters.tools.sandbox import Sandbox
 from service.domain.tools import ToolContext, ToolError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -117,10 +118,12 @@ class BashTool:
     name = "bash"
     parameters = _PARAMETERS
 
-    def __init__(self, timeout_seconds: float, output_limit_bytes: int, path: str = DEFAULT_PATH) -> None:
+    def __init__(self, timeout_seconds: float, output_limit_bytes: int, path: str = DEFAULT_PATH,
+                 sandbox: Sandbox | None = None) -> None:
         self._timeout = timeout_seconds
         self._limit = output_limit_bytes
         self._path = path
+        self._sandbox = sandbox
 
     @property
     def description(self) -> str:
@@ -138,15 +141,16 @@ class BashTool:
         command = str(arguments["command"])
         timeout = self._timeout_for(arguments.get("timeout_seconds"))
         try:
-            workspace = await asyncio.to_thread(_prepare, context.workspace)
+            workspace = await asyncio.to_thread(_prepare, context.workspace, self._sandbox)
         except OSError as exc:
             raise ToolError(f"cannot prepare the workspace: {exc.strerror or exc}") from None
         tmp = workspace / _TMP_FOLDER
+        argv = ["/bin/bash", "-c", command]
+        if self._sandbox is not None:
+            argv = self._sandbox.command(argv, workspace)
         try:
             process = await asyncio.create_subprocess_exec(
-                "/bin/bash",
-                "-c",
-                command,
+                *argv,
                 cwd=workspace,
                 env=self._environment(workspace, tmp),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -196,10 +200,13 @@ class BashTool:
         }
 
 
-def _prepare(workspace: Path) -> Path:
-    """The workspace's real path, once it and its temporary folder exist."""
+def _prepare(workspace: Path, sandbox: Sandbox | None) -> Path:
+    """The workspace's real path, once it and its temporary folder exist (and belong to the sandbox's user)."""
     root = workspace.resolve()
     (root / _TMP_FOLDER).mkdir(parents=True, exist_ok=True)
+    if sandbox is not None:
+        sandbox.give(root)
+        sandbox.give(root / _TMP_FOLDER)
     return root
 
 

@@ -7,7 +7,7 @@ waits on it. Files are handled as bytes, so line endings are kept exactly as the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,14 @@ class FileWriteTool:
     )
     parameters = _WRITE_PARAMETERS
 
+    def __init__(self, give: Callable[[Path], None] | None = None) -> None:
+        # Hands what the tool creates to the bash sandbox's user, so that commands can change it too.
+        self._give = give
+
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
         path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         data = str(arguments["content"]).encode("utf-8")
-        await asyncio.to_thread(_write, path, shown, data)
+        await asyncio.to_thread(_write, path, shown, data, self._give)
         return f"wrote {len(data)} bytes to {shown}"
 
 
@@ -167,12 +171,16 @@ def _read_lines(path: Path, shown: str, offset: int, limit: int | None, max_byte
     return text
 
 
-def _write(path: Path, shown: str, data: bytes) -> None:
+def _write(path: Path, shown: str, data: bytes, give: Callable[[Path], None] | None = None) -> None:
     if path.is_dir():
         raise ToolError(f"{shown} is a directory")
     try:
+        missing = [folder for folder in path.parents if not folder.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+        if give is not None:
+            for created in [*missing, path]:
+                give(created)
     except OSError as exc:
         raise ToolError(f"cannot write {shown}: {exc.strerror or exc}") from None
 

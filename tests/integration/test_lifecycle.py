@@ -1,0 +1,318 @@
+"""A task's life on the real server: cancel (its processes die), one task per session, restart, crash, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.client import SseMessage, parse_sse
+from tests.integration.server import ServerProcess, auth
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
+STREAM_TIMEOUT = 20.0
+INTERRUPTED_BY_RESTART = "the server stopped while the task ran"
+INTERRUPTED_BY_SHUTDOWN = "the server shut down before the task finished"
+
+
+def sleep_command() -> str:
+    """``sleep 30.77…`` with random digits, so that this test's process is told apart from any other."""
+    return f"sleep 30.77{secrets.randbelow(10**6):06d}"
+
+
+def processes_matching(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (as ``pgrep -f`` would find them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def kill_leftovers(text: str) -> list[int]:
+    """Kill (by pid) processes this test started that outlived their server; returns their pids."""
+    pids = processes_matching(text)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+@contextlib.contextmanager
+def running(path: Path, **env: str) -> Iterator[ServerProcess]:
+    process = ServerProcess(path, env=env).start()
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running(tmp_path_factory.mktemp("lifecycle") / "data") as process:
+        yield process
+
+
+@contextlib.asynccontextmanager
+async def open_stream(client: httpx.AsyncClient, session_id: str,
+                      last_event_id: str | None = None) -> AsyncIterator[AsyncIterator[SseMessage]]:
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    async with client.stream("GET", "/api/sse", params={"session_id": session_id}, headers=headers,
+                             timeout=httpx.Timeout(10.0, read=None)) as response:
+        assert response.status_code == 200
+        messages = parse_sse(response.aiter_lines())
+        try:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                first = await anext(messages)
+            assert first.event == "connected"
+            yield messages
+        finally:
+            await messages.aclose()  # type: ignore[attr-defined]
+
+
+async def take_until(messages: AsyncIterator[SseMessage], event_type: str | frozenset[str]) -> list[dict[str, Any]]:
+    kinds = frozenset({event_type}) if isinstance(event_type, str) else event_type
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        async for message in messages:
+            events.append(message.json())
+            if message.event in kinds:
+                return events
+    raise AssertionError(f"the stream ended before {sorted(kinds)}: {[e['event_type'] for e in events]}")
+
+
+async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
+    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["task_id"]
+    return task_id
+
+
+async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        while True:
+            task: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
+            if task["status"] not in ("queued", "running"):
+                return task
+            await asyncio.sleep(0.02)
+
+
+def check_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert {"type", "title", "status", "detail"} <= set(body)
+    assert body["status"] == status
+    return body
+
+
+async def all_events(client: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/api/sessions/{session_id}/events", params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    events: list[dict[str, Any]] = response.json()["events"]
+    return events
+
+
+# Cancel
+
+
+async def test_cancel_stops_the_task_and_kills_its_process(shared_server: ServerProcess) -> None:
+    command = sleep_command()
+    async with httpx.AsyncClient(base_url=shared_server.base_url, headers=auth("alice"), timeout=10.0) as client:
+        async with open_stream(client, "cancel-session") as stream:
+            task_id = await submit(client, f"$ {command}", "cancel-session")
+            started = await take_until(stream, "tool_call_start")
+            assert started[-1]["arguments"] == {"command": command}
+            await wait_until(lambda: processes_matching(command), 5, "the sleep runs")
+
+            # Cancelling is idempotent while the task stops: both answers are 202.
+            first, second = await asyncio.gather(client.post(f"/api/tasks/{task_id}/cancel"),
+                                                 client.post(f"/api/tasks/{task_id}/cancel"))
+            assert (first.status_code, second.status_code) == (202, 202), (first.text, second.text)
+            assert first.json()["task_id"] == task_id
+
+            cancelled = await take_until(stream, TERMINAL)
+        assert cancelled[-1]["event_type"] == "task_cancelled"
+        assert cancelled[-1]["reason"] == "cancelled by the client"
+        assert cancelled[-1]["task_id"] == task_id
+        assert "tool_call_complete" not in [e["event_type"] for e in cancelled[:-1]]
+
+        task = await wait_finished(client, task_id)
+        assert task["status"] == "cancelled"
+        assert task["finished_at"] is not None
+        await wait_until(lambda: not processes_matching(command), 2, f"{command!r} is killed")
+
+        # Finished: cancelling again is a conflict.
+        check_problem(await client.post(f"/api/tasks/{task_id}/cancel"), 409)
+        # The conversation stays valid for the model: the interrupted call has its result.
+        messages = (await client.get("/api/sessions/cancel-session")).json()["messages"]
+        assert [m["role"] for m in messages[-2:]] == ["assistant", "tool"]
+        assert messages[-1]["tool_call_id"] == messages[-2]["tool_calls"][0]["id"]
+        assert "cancelled" in messages[-1]["content"]
+        # The session takes a new task at once.
+        follow_up = await submit(client, "$ echo after-cancel", "cancel-session")
+        assert (await wait_finished(client, follow_up))["status"] == "completed"
+
+
+async def test_cancel_of_an_unknown_task_is_404(shared_server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=shared_server.base_url, headers=auth("alice"), timeout=10.0) as client:
+        check_problem(await client.post("/api/tasks/t_0000000000000000/cancel"), 404)
+        check_problem(await client.post("/api/tasks/no-such-task/cancel"), 404)
+
+
+async def test_a_second_task_on_a_busy_session_is_409(shared_server: ServerProcess) -> None:
+    command = sleep_command()
+    async with httpx.AsyncClient(base_url=shared_server.base_url, headers=auth("alice"), timeout=10.0) as client:
+        running_id = await submit(client, f"$ {command}", "busy-session")
+        try:
+            refused = await client.post("/api/tasks", json={"task": "$ echo too-soon", "session_id": "busy-session"})
+            body = check_problem(refused, 409)
+            assert running_id in body["detail"]
+            # Another session of the same subject is not blocked.
+            other = await submit(client, "$ echo elsewhere", "not-busy-session")
+            assert (await wait_finished(client, other))["status"] == "completed"
+            assert (await client.get(f"/api/tasks/{running_id}")).json()["status"] in ("queued", "running")
+        finally:
+            assert (await client.post(f"/api/tasks/{running_id}/cancel")).status_code in (202, 409)
+        assert (await wait_finished(client, running_id))["status"] == "cancelled"
+    await wait_until(lambda: not processes_matching(command), 2, "the sleep is killed")
+
+
+# Restart, crash, SIGTERM
+
+
+async def test_a_restart_keeps_sessions_tasks_and_events(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running(data) as before:
+        async with httpx.AsyncClient(base_url=before.base_url, headers=auth("alice"), timeout=10.0) as client:
+            task_id = await submit(client, "$ echo before-restart", "durable")
+            assert (await wait_finished(client, task_id))["status"] == "completed"
+            old_task = (await client.get(f"/api/tasks/{task_id}")).json()
+            old_session = (await client.get("/api/sessions/durable")).json()
+            old_events = await all_events(client, "durable")
+        assert before.stop() < 10
+        assert before.process.returncode == 0
+        assert before.events_logged("server_stopped")
+
+    with running(data) as after:
+        async with httpx.AsyncClient(base_url=after.base_url, headers=auth("alice"), timeout=10.0) as client:
+            assert (await client.get("/api/sessions")).json() == {"sessions": ["durable"]}
+            assert (await client.get(f"/api/tasks/{task_id}")).json() == old_task
+            assert (await client.get("/api/sessions/durable")).json() == old_session
+            assert await all_events(client, "durable") == old_events
+
+            # A new task continues the session; its events come after the old ones, on a resumed stream too.
+            async with open_stream(client, "durable", last_event_id=old_events[-1]["id"]) as stream:
+                new_id = await submit(client, "$ echo after-restart", "durable")
+                new_events = await take_until(stream, TERMINAL)
+            assert {e["task_id"] for e in new_events} == {new_id}
+            assert new_events[-1]["event_type"] == "task_complete"
+            assert min(int(e["id"]) for e in new_events) > max(int(e["id"]) for e in old_events)
+            assert await all_events(client, "durable") == old_events + new_events
+            messages = (await client.get("/api/sessions/durable")).json()["messages"]
+            assert messages[:len(old_session["messages"])] == old_session["messages"]
+            assert len(messages) > len(old_session["messages"])
+
+
+async def test_after_a_crash_the_running_task_is_interrupted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    command = sleep_command()
+    try:
+        with running(data) as crashed:
+            async with (
+                httpx.AsyncClient(base_url=crashed.base_url, headers=auth("alice"), timeout=10.0) as client,
+                open_stream(client, "crashed") as stream,
+            ):
+                task_id = await submit(client, f"$ {command}", "crashed")
+                before = await take_until(stream, "tool_call_start")
+                await wait_until(lambda: processes_matching(command), 5, "the sleep runs")
+                crashed.kill()  # SIGKILL: no drain, no shutdown
+
+        with running(data) as restarted:
+            async with httpx.AsyncClient(base_url=restarted.base_url, headers=auth("alice"), timeout=10.0) as client:
+                task = (await client.get(f"/api/tasks/{task_id}")).json()
+                assert task["status"] == "interrupted"
+                assert task["error"] == INTERRUPTED_BY_RESTART
+                assert task["finished_at"] is not None
+                events = await all_events(client, "crashed")
+                last = events[-1]
+                assert last["event_type"] == "error"
+                assert last["task_id"] == task_id
+                assert last["error"] == INTERRUPTED_BY_RESTART
+                assert last["recoverable"] is False
+                assert int(last["id"]) > int(before[-1]["id"])
+                # Cancelling it now is a conflict, and the session takes new work.
+                check_problem(await client.post(f"/api/tasks/{task_id}/cancel"), 409)
+                again = await submit(client, "$ echo after-crash", "crashed")
+                assert (await wait_finished(client, again))["status"] == "completed"
+    finally:
+        # A SIGKILLed server cannot kill its tools' process groups; this test cleans up what it started.
+        kill_leftovers(command)
+
+
+async def test_sigterm_ends_streams_at_once_and_interrupts_running_tasks(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    command = sleep_command()
+    grace = 2.0
+    with running(data, ALEX_SHUTDOWN_GRACE_SECONDS=str(grace)) as server:
+        async with (
+            httpx.AsyncClient(base_url=server.base_url, headers=auth("alice"), timeout=10.0) as client,
+            open_stream(client, "draining") as stream,
+        ):
+            task_id = await submit(client, f"$ {command}", "draining")
+            await take_until(stream, "tool_call_start")
+            await wait_until(lambda: processes_matching(command), 5, "the sleep runs")
+
+            async def stream_end() -> float:
+                async with asyncio.timeout(STREAM_TIMEOUT):
+                    async for _ in stream:
+                        pass
+                return time.monotonic()
+
+            ended = asyncio.create_task(stream_end())
+            signalled = time.monotonic()
+            exit_seconds = await asyncio.to_thread(server.stop, signal.SIGTERM)
+            stream_ended = await ended
+        assert server.process.returncode == 0
+        assert stream_ended - signalled < 1.0, f"the stream ended {stream_ended - signalled:.2f}s after SIGTERM"
+        assert stream_ended < signalled + exit_seconds, "the stream outlived the process"
+        assert exit_seconds < grace + 1.5, f"exit took {exit_seconds:.2f}s"
+        assert server.events_logged("drain_started")
+    assert not processes_matching(command), f"{command!r} outlived the server"
+
+    with running(data) as restarted:
+        async with httpx.AsyncClient(base_url=restarted.base_url, headers=auth("alice"), timeout=10.0) as client:
+            task = (await client.get(f"/api/tasks/{task_id}")).json()
+            assert task["status"] == "interrupted"
+            assert task["error"] == INTERRUPTED_BY_SHUTDOWN
+            events = await all_events(client, "draining")
+            assert events[-1]["event_type"] == "task_cancelled"
+            assert events[-1]["reason"] == INTERRUPTED_BY_SHUTDOWN
+            assert events[-1]["task_id"] == task_id
