@@ -5,7 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit integration lint typecheck clean
+.PHONY: install system-deps run test unit integration lint typecheck clean
+
+# Debian packages the tests use: bubblewrap (the bash sandbox), curl (the README walk-through), util-linux
+# (prlimit, setpriv). Installed when missing and we may (root with apt-get); otherwise the tests that need them
+# say what is missing and skip.
+SYSTEM_PACKAGES := bubblewrap curl util-linux
+SYSTEM_COMMANDS := bwrap curl prlimit setpriv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +23,17 @@ install: $(STAMP)
 run: install
 	$(BIN)/alex-server serve
 
-test: install lint typecheck
+system-deps:
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    (apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null)); \
+	  else echo "missing:$$missing (install $(SYSTEM_PACKAGES)); the tests that need them will skip"; fi; \
+	fi
+
+test: install system-deps lint typecheck
 	$(BIN)/pytest
 
 unit: install
