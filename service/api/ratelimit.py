@@ -11,10 +11,12 @@ dependency, so they are never limited.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 from fastapi import Request
@@ -29,6 +31,7 @@ from service.config import Settings
 log = structlog.get_logger("service.api.ratelimit")
 
 HEADERS_STATE_KEY = "rate_limit_headers"
+_REDIS_TIMEOUTS = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +57,14 @@ class RateLimits:
     """The two limits of the API and their counters."""
 
     def __init__(self, settings: Settings) -> None:
+        # slowapi's storages are synchronous: a remote one is called from a worker thread, with short socket
+        # timeouts, so that a slow or unreachable Redis never stalls the event loop.
+        self._remote = settings.redis_url is not None
         self._limiter = Limiter(
             key_func=get_remote_address,
             storage_uri=settings.redis_url or "memory://",
+            # Passed to redis-py as keyword arguments; slowapi annotates them as strings.
+            storage_options=cast(dict[str, str], _REDIS_TIMEOUTS if self._remote else {}),
             strategy="fixed-window",
             key_prefix="alex:ratelimit",
             headers_enabled=True,
@@ -64,12 +72,17 @@ class RateLimits:
         self.tasks: RateLimitItem = parse(settings.rate_limit_tasks)
         self.default: RateLimitItem = parse(settings.rate_limit_default)
 
-    def hit(self, item: RateLimitItem, scope: str, key: str) -> Verdict:
+    async def hit(self, item: RateLimitItem, scope: str, key: str) -> Verdict:
         """Count one request of ``key`` against ``item`` in ``scope``.
 
         A storage that does not answer lets the request through (logged): a limiter outage must not become an
         API outage.
         """
+        if self._remote:
+            return await asyncio.to_thread(self._hit, item, scope, key)
+        return self._hit(item, scope, key)
+
+    def _hit(self, item: RateLimitItem, scope: str, key: str) -> Verdict:
         limiter = self._limiter.limiter
         try:
             allowed = limiter.hit(item, "alex:ratelimit", scope, key)
@@ -97,7 +110,7 @@ def limit(kind: str, identify: Callable[[Request], str | None]) -> Callable[[Req
     async def check(request: Request) -> None:
         limits: RateLimits = request.app.state.rate_limits
         item = limits.tasks if kind == "tasks" else limits.default
-        verdict = limits.hit(item, kind, client_key(request, identify(request)))
+        verdict = await limits.hit(item, kind, client_key(request, identify(request)))
         headers = verdict.headers()
         request.state.rate_limit_headers = headers
         if not verdict.allowed:

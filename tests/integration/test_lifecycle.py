@@ -46,11 +46,11 @@ def processes_matching(text: str) -> list[int]:
     return found
 
 
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Any, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
+            raise AssertionError(f"not within {seconds}s: {what}")
         await asyncio.sleep(0.02)
 
 
@@ -152,11 +152,12 @@ async def test_cancel_stops_the_task_and_kills_its_process(shared_server: Server
             assert started[-1]["arguments"] == {"command": command}
             await wait_until(lambda: processes_matching(command), 5, "the sleep runs")
 
-            # Cancelling is idempotent while the task stops: both answers are 202.
-            first, second = await asyncio.gather(client.post(f"/api/tasks/{task_id}/cancel"),
-                                                 client.post(f"/api/tasks/{task_id}/cancel"))
-            assert (first.status_code, second.status_code) == (202, 202), (first.text, second.text)
-            assert first.json()["task_id"] == task_id
+            # Cancelling is idempotent while the task stops: every answer is 202. The requests go out at once
+            # on connections opened beforehand, so that they all arrive before the task has finished stopping.
+            await asyncio.gather(*(client.get("/health") for _ in range(4)))
+            answers = await asyncio.gather(*(client.post(f"/api/tasks/{task_id}/cancel") for _ in range(4)))
+            assert [a.status_code for a in answers] == [202] * 4, [a.text for a in answers]
+            assert {a.json()["task_id"] for a in answers} == {task_id}
 
             cancelled = await take_until(stream, TERMINAL)
         assert cancelled[-1]["event_type"] == "task_cancelled"
@@ -218,7 +219,7 @@ async def test_a_restart_keeps_sessions_tasks_and_events(tmp_path: Path) -> None
             old_session = (await client.get("/api/sessions/durable")).json()
             old_events = await all_events(client, "durable")
         assert before.stop() < 10
-        assert before.process.returncode == 0
+        assert before.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
         assert before.events_logged("server_stopped")
 
     with running(data) as after:
@@ -300,7 +301,7 @@ async def test_sigterm_ends_streams_at_once_and_interrupts_running_tasks(tmp_pat
             signalled = time.monotonic()
             exit_seconds = await asyncio.to_thread(server.stop, signal.SIGTERM)
             stream_ended = await ended
-        assert server.process.returncode == 0
+        assert server.process.returncode in (0, -signal.SIGTERM)
         assert stream_ended - signalled < 1.0, f"the stream ended {stream_ended - signalled:.2f}s after SIGTERM"
         assert stream_ended < signalled + exit_seconds, "the stream outlived the process"
         assert exit_seconds < grace + 1.5, f"exit took {exit_seconds:.2f}s"
