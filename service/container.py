@@ -20,6 +20,7 @@ from service.adapters.store.sqlite import SqliteDatabase
 from service.adapters.store.sqlite_events import SqliteEventLog
 from service.adapters.store.sqlite_sessions import SqliteSessionStore
 from service.adapters.tools import build_tools
+from service.adapters.tools.sandbox import Sandbox, sandbox_from_settings
 from service.app.ports import EventLog, SessionStore
 from service.app.runner import TaskRunner
 from service.app.sessions import SessionService
@@ -46,6 +47,7 @@ class Container:
     sessions: SessionService
     verifier: TokenVerifier | None
     signing_key: SigningKey | None
+    sandbox: Sandbox | None = None
     closers: list[Any] = field(default_factory=list)
     ready: bool = False
     drain_started: float | None = None
@@ -99,7 +101,8 @@ async def build_container(
         aclose = getattr(chat_model, "aclose", None)
         if aclose is not None:
             closers.append(aclose)
-    registry = ToolRegistry(tools if tools is not None else build_tools(settings))
+    sandbox = sandbox_from_settings(settings)
+    registry = ToolRegistry(tools if tools is not None else build_tools(settings, sandbox))
     engine = ReactEngine(
         chat_model,
         registry,
@@ -144,4 +147,4 @@ async def build_container(
             source = key.secret
         verifier = TokenVerifier(source, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                                  leeway=settings.jwt_leeway_seconds)
-    return Container(settings, store, events, chat_model, runner, sessions, verifier, key, closers)
+    return Container(settings, store, events, chat_model, runner, sessions, verifier, key, sandbox, closers)

@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.api.access_log import AccessLog
+from service.api.headers import SecurityHeaders
 from service.api.limits import BodySizeLimit
 from service.api.problems import install_problem_handlers
 from service.api.ratelimit import RateLimitHeaders, RateLimits
@@ -46,6 +47,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         version=__version__,
         summary="Runs AI-agent tasks and streams every step over Server-Sent Events.",
         lifespan=lifespan,
+        # The interactive docs load their scripts from a CDN: useless in an air-gapped cluster and at odds with
+        # the API's content security policy. The OpenAPI document itself stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
@@ -60,6 +65,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         expose_headers=["X-Request-ID", "Retry-After", "Location"],
     )
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog)
     return app
@@ -74,6 +80,12 @@ def _announce(settings: Settings, container: Container) -> None:
         data_dir=str(settings.data_dir),
         auth="enabled" if settings.auth_enabled else "disabled",
     )
+    sandbox = container.sandbox
+    if sandbox is not None:
+        log.info("bash_sandbox", bwrap=sandbox.bwrap is not None, user=sandbox.user, limits=sandbox.prlimit is not None)
+        if sandbox.bwrap is None:
+            log.warning("bash_sandbox_weak", reason="bwrap (bubblewrap) not found: commands share the server's "
+                        "network and filesystem view (docs/security.md)")
     if settings.provider == "mock" and settings.llm_provider is None:
         log.warning("llm_mock_provider", reason="OPENAI_API_KEY is not set; answers come from the offline mock model")
     if not settings.auth_enabled:
