@@ -52,7 +52,8 @@ class EventLog(Protocol):
 
     def subscribe(self, session_id: str, buffer_size: int) -> Subscription: ...
 
-    async def delete_session(self, session_id: str) -> None: ...
+    async def delete_session(self, session_id: str) -> None:
+        """Delete the session's events and then close its subscriptions (reason ``session_deleted``)."""
 
     def close_subscriptions(self, reason: str) -> None:
         """Close every open subscription (server draining): their readers end their streams."""

@@ -7,7 +7,7 @@ from service.app.ports import EventLog, SessionStore
 from service.app.runner import TaskRunner
 from service.app.stream import SessionFeed
 from service.app.workspaces import Workspaces
-from service.domain.errors import LimitExceeded
+from service.domain.errors import LimitExceeded, NotFound
 from service.domain.events import StoredEvent
 from service.domain.models import Session
 
@@ -71,9 +71,16 @@ class SessionService:
 
         The caller must call :meth:`unfollow` when the feed is done.
         """
-        await streamable_session(self._store, principal, session_id)
+        session = await streamable_session(self._store, principal, session_id)
         self.streams.acquire(principal.subject)
-        return SessionFeed(self._events, session_id, after, self._buffer_size)
+        feed = SessionFeed(self._events, session_id, after, self._buffer_size)
+        # Checked again once subscribed: a delete that finished meanwhile closed the subscriptions it found, not
+        # this one, and the id may already be someone else's.
+        current = await self._store.get_session(session_id)
+        if current is None or current.owner != session.owner or current.created_at != session.created_at:
+            self.unfollow(principal, feed)
+            raise NotFound(f"session {session_id!r} not found")
+        return feed
 
     def unfollow(self, principal: Principal, feed: SessionFeed) -> None:
         """Close the feed and give its place back; safe to call more than once."""
@@ -87,6 +94,8 @@ class SessionService:
         """The session, its tasks (a running one is cancelled first), its events and its workspace."""
         await owned_session(self._store, principal, session_id)
         await self._runner.cancel_session(session_id, "the session was deleted")
-        await self._events.delete_session(session_id)
+        # The store forgets the session before the log closes its streams: a stream that subscribes in between
+        # finds the session gone when it checks again (see follow).
         await self._store.delete_session(session_id)
+        await self._events.delete_session(session_id)
         await self._workspaces.remove(session_id)

@@ -163,6 +163,11 @@ class MemoryBroker:
             for subscription in subscribers:
                 subscription.close(reason)
 
+    def close_session(self, session_id: str, reason: str) -> None:
+        """Close every subscription of one session (it was deleted: its id may be claimed anew by anyone)."""
+        for subscription in list(self._by_session.pop(session_id, {})):
+            subscription.close(reason)
+
     def subscriber_count(self, session_id: str | None = None) -> int:
         """Open subscriptions of one session, or of all sessions when ``session_id`` is None."""
         if session_id is not None:

@@ -66,6 +66,7 @@ class MemoryEventLog:
     async def delete_session(self, session_id: str) -> None:
         self._events.pop(session_id, None)
         self._since_trim.pop(session_id, None)
+        self._broker.close_session(session_id, "session_deleted")
 
     def close_subscriptions(self, reason: str) -> None:
         self._broker.close_all(reason)

@@ -52,6 +52,9 @@ DELETE FROM events WHERE session_id = ?1 AND id <= (
 )"""
 
 
+SESSION_DELETED = "session_deleted"
+
+
 class SqliteEventLog:
     """``EventLog`` on a :class:`SqliteDatabase` and a :class:`MemoryBroker`; open with :meth:`open`.
 
@@ -138,7 +141,8 @@ class SqliteEventLog:
         return self._broker.subscribe(session_id, buffer_size)
 
     async def delete_session(self, session_id: str) -> None:
-        """Delete the session's events, those written and those still queued; later appends to it stay."""
+        """Delete the session's events, those written and those still queued, and end its subscriptions; later
+        appends to it stay."""
         # Queued rows need not be written at all; rows in flight (or waiting for a retry) are removed by the cut,
         # in the same transaction as the next batch, so a failed batch cannot bring them back.
         self._queued = [row for row in self._queued if row[1] != session_id]
@@ -152,6 +156,7 @@ class SqliteEventLog:
         if self._flusher.done():
             self._restart_flusher()
         await done
+        self._broker.close_session(session_id, SESSION_DELETED)
 
     def close_subscriptions(self, reason: str) -> None:
         self._broker.close_all(reason)
