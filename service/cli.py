@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import os
 import sys
@@ -16,6 +17,7 @@ import structlog
 import uvicorn
 
 from service import __version__
+from service.adapters.llm.mock import MockChatModel
 from service.adapters.tools.sandbox import SandboxUnavailable, sandbox_from_settings
 from service.app.access import DEFAULT_SCOPES, SCOPES
 from service.config import ConfigError, Settings, load_settings
@@ -41,7 +43,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         container = getattr(getattr(self.config.app, "state", None), "container", None)
         if container is not None:
-            container.begin_drain()
+            # A signal handler runs in whatever context it interrupted: drain in an empty one, so that its log
+            # lines do not carry an unrelated request's or task's ids.
+            contextvars.Context().run(container.begin_drain)
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: Any = None) -> None:
@@ -63,11 +67,23 @@ def harden_process() -> None:
             libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def serve(settings: Settings) -> int:
+def preflight(settings: Settings) -> str | None:
+    """What would stop the start, as one line for the operator; None when nothing does."""
     try:
         sandbox_from_settings(settings)
+        if settings.provider == "mock" and settings.mock_script is not None:
+            MockChatModel.from_settings(settings)
     except SandboxUnavailable as exc:
-        print(f"alex-server: configuration error: {exc}", file=sys.stderr)
+        return str(exc)
+    except ValueError as exc:
+        return f"ALEX_MOCK_SCRIPT: {exc}"
+    return None
+
+
+def serve(settings: Settings) -> int:
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"alex-server: configuration error: {problem}", file=sys.stderr)
         return 2
     harden_process()
     configure_logging(settings.resolved_log_format, settings.log_level)

@@ -62,7 +62,8 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
         allow_credentials=True,
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "Retry-After", "Location"],
+        expose_headers=["X-Request-ID", "Retry-After", "Location", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                        "X-RateLimit-Reset"],
     )
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(SecurityHeaders)
@@ -91,5 +92,5 @@ def _announce(settings: Settings, container: Container) -> None:
     if not settings.auth_enabled:
         log.warning("auth_disabled", reason="ALEX_AUTH=disabled: every request is trusted; never do this in production")
     elif container.signing_key is not None and container.signing_key.generated:
-        log.info("jwt_secret_generated", path=str(settings.generated_secret_path),
+        log.info("jwt_secret_from_data_dir", path=str(settings.generated_secret_path),
                  hint="mint a token with: alex-server token --sub NAME")

@@ -1,7 +1,8 @@
 """``alex-server run``: submit a task, print its events live and readable, exit with its outcome.
 
-Exit codes: 0 completed, 1 failed, 3 cancelled or interrupted, 4 the server refused or could not be reached,
-130 interrupted with Ctrl-C (the task is cancelled on the server too).
+Exit codes: 0 completed; 1 failed (an ``error`` event, which is also how a task interrupted by a crash ends);
+3 cancelled (``task_cancelled``: by a client, or at a server's shutdown); 4 the server refused or could not be
+reached; 130 Ctrl-C (the task is cancelled on the server too).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -19,7 +19,7 @@ from service.app.access import Principal, claim_session
 from service.app.ports import EventLog, SessionStore
 from service.app.stream import LogSink
 from service.app.workspaces import Workspaces
-from service.domain.engine import Outcome, ReactEngine, TaskRequest, TaskResult
+from service.domain.engine import Outcome, Progress, ReactEngine, TaskRequest, TaskResult
 from service.domain.errors import Conflict, Invalid, LimitExceeded, NotFound, Unavailable
 from service.domain.events import ErrorEvent, TaskCancelled, utc_now
 from service.domain.llm import Message
@@ -52,6 +52,7 @@ class _Handle:
     cancel_reason: str | None = None
     interrupted: bool = False
     started: bool = False
+    progress: Progress = field(default_factory=Progress)
     finishing: bool = False
     """The outcome is decided and being stored: a cancel now would only lose it."""
 
@@ -214,7 +215,7 @@ class TaskRunner:
             request = TaskRequest(task.session_id, task.id, task.text, task.trace_id)
             todos = SessionTodoList(self._store, task.session_id)
             result = await self._engine.run(request, conversation, LogSink(self._events), workspace=workspace,
-                                            todos=todos)
+                                            todos=todos, progress=handle.progress)
             handle.finishing = True
             self._record(task, result)
         except asyncio.CancelledError:
@@ -258,6 +259,8 @@ class TaskRunner:
         reason = handle.cancel_reason or "cancelled"
         task.status = TaskStatus.INTERRUPTED if handle.interrupted else TaskStatus.CANCELLED
         task.error = reason if handle.interrupted else None
+        task.iterations = handle.progress.iterations
+        task.usage = handle.progress.usage.to_dict()
         await self._events.append(
             TaskCancelled(session_id=task.session_id, task_id=task.id, trace_id=task.trace_id, reason=reason)
         )

@@ -6,6 +6,7 @@ other (or both: the live copy of a replayed event is skipped by id). No gap, no 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from service.app.ports import EventLog
@@ -22,6 +23,10 @@ class LogSink:
 
     async def emit(self, event: Event) -> None:
         await self._log.append(event)
+        # Appending never suspends, so a tool printing thousands of lines would fill every reader's buffer
+        # before any stream got to write: let the streams run once per event. A client that is really slow
+        # still falls behind (its socket stops taking bytes) and is cut off as designed.
+        await asyncio.sleep(0)
 
 
 class SessionFeed:

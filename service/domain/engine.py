@@ -70,6 +70,14 @@ class TaskRequest:
 
 
 @dataclass(slots=True)
+class Progress:
+    """What a run has done so far, kept up to date as it goes: read it when a run is cancelled."""
+
+    iterations: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True)
 class TaskResult:
     outcome: Outcome
     final_answer: str | None = None
@@ -113,13 +121,14 @@ class ReactEngine:
         *,
         workspace: Path,
         todos: TodoList,
+        progress: Progress | None = None,
     ) -> TaskResult:
         """Run one task, continuing ``conversation`` (the session's messages so far), which it extends in place.
 
         Returns the outcome; emits ``task_complete``, or ``error`` when the model fails or the iterations run out.
         The caller handles cancellation (``asyncio.CancelledError`` propagates after the conversation is repaired).
         """
-        run = _Run(self, request, conversation, sink, workspace=workspace, todos=todos)
+        run = _Run(self, request, conversation, sink, workspace=workspace, todos=todos, progress=progress)
         return await run.execute()
 
 
@@ -135,6 +144,7 @@ class _Run:
         *,
         workspace: Path,
         todos: TodoList,
+        progress: Progress | None,
     ) -> None:
         self.engine = engine
         self.config = engine._config
@@ -144,8 +154,12 @@ class _Run:
         self.workspace = workspace
         self.todos = todos
         self.iteration: int | None = None
-        self.usage = Usage()
+        self.progress = progress if progress is not None else Progress()
         self.started = engine._clock()
+
+    @property
+    def usage(self) -> Usage:
+        return self.progress.usage
 
     def _envelope(self) -> dict[str, Any]:
         return {
@@ -190,14 +204,14 @@ class _Run:
 
         specs = self.engine._tools.specs()
         for number in range(1, self.config.max_iterations + 1):
-            self.iteration = number
+            self.iteration = self.progress.iterations = number
             await self._emit(IterationStart)
             window = trim_history(self.conversation, self.config.context_tokens)
             try:
                 response = await self.engine._llm.chat(window, specs, self._on_text)
             except LLMError as exc:
                 return await self._fail(f"the model failed: {exc}", f"llm_{exc.kind}")
-            self.usage = self.usage + response.usage
+            self.progress.usage = self.progress.usage + response.usage
             self.conversation.append(Message("assistant", response.content, response.tool_calls))
             await self._emit(
                 ThinkComplete,
