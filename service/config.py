@@ -111,6 +111,14 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # HS256 wants a key at least as long as its hash (RFC 7518 §3.2).
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes (e.g. openssl rand -base64 48)")
+        return value
+
     @field_validator("sandbox_user")
     @classmethod
     def _uid_gid(cls, value: str) -> str:
