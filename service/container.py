@@ -33,6 +33,7 @@ from service.tokens import KeySource, PublicKey, SigningKey, TokenVerifier, sign
 
 log = structlog.get_logger("service.container")
 
+TOOL_NOTE_ROOM = 1024
 CLOSE_RESERVE_SECONDS = 0.5
 """Kept back from the grace period for storing interrupted tasks and closing the stores."""
 
@@ -111,7 +112,8 @@ async def build_container(
             context_tokens=settings.context_tokens,
             system_prompt=settings.system_prompt or DEFAULT_SYSTEM_PROMPT,
             analyze=settings.task_analysis,
-            tool_result_limit=settings.tool_output_limit_bytes,
+            # The tools cap their own output and say so; the engine's cap is a backstop with room for that note.
+            tool_result_limit=settings.tool_output_limit_bytes + TOOL_NOTE_ROOM,
         ),
     )
     workspaces = Workspaces(settings.workspaces_dir)

@@ -17,7 +17,7 @@ from service import __version__
 from service.api.access_log import AccessLog
 from service.api.headers import SecurityHeaders
 from service.api.limits import BodySizeLimit
-from service.api.problems import install_problem_handlers
+from service.api.problems import install_problem_handlers, install_problem_schema
 from service.api.ratelimit import RateLimitHeaders, RateLimits
 from service.api.routes import health, sessions, stream, tasks
 from service.config import Settings
@@ -56,6 +56,7 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     install_problem_handlers(app)
     for router in (health.router, tasks.router, sessions.router, stream.router):
         app.include_router(router)
+    install_problem_schema(app)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

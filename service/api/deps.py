@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.problems import ApiError
 from service.api.ratelimit import limit
@@ -83,7 +84,15 @@ def token_subject(request: Request) -> str | None:
     return principal.subject
 
 
-async def authenticate(request: Request, container: ContainerDep) -> Principal:
+_BEARER = HTTPBearer(auto_error=False, description="A JWT; see docs/security.md for the keys and claims.")
+
+
+async def authenticate(
+    request: Request,
+    container: ContainerDep,
+    # Declares the scheme in the OpenAPI document; the token itself is read by bearer_token (cookie and query too).
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
+) -> Principal:
     if container.verifier is None:
         return _ANONYMOUS
     cached: Principal | None = getattr(request.state, "principal", None)

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.schemas import Problem
 from service.domain.errors import Conflict, DomainError, Invalid, LimitExceeded, NotFound, Unavailable
 
 PROBLEM_JSON = "application/problem+json"
@@ -37,6 +38,17 @@ class ApiError(Exception):
         self.detail = detail
         self.headers = dict(headers or {})
         self.title = title
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses: each a problem+json body (the ``Problem`` schema).
+
+    Every authenticated route answers 401, 403, 422 and 429 as well; they are always included.
+    """
+    schema = {"$ref": "#/components/schemas/Problem"}
+    statuses = sorted({401, 403, 422, 429, *codes})
+    return {code: {"description": HTTPStatus(code).phrase, "content": {PROBLEM_JSON: {"schema": schema}}}
+            for code in statuses}
 
 
 def _slug(status: int) -> str:
@@ -98,6 +110,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("request_failed", path=request.url.path)
     return problem(500, "internal error; the server logged the details")
+
+
+def install_problem_schema(app: FastAPI) -> None:
+    """Put the ``Problem`` schema (which :func:`problem_responses` refers to) into the OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the document
 
 
 def install_problem_handlers(app: FastAPI) -> None:

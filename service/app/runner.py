@@ -112,13 +112,13 @@ class TaskRunner:
             raise Invalid("task must not be empty")
         if len(text) > self._max_task_chars:
             raise Invalid(f"task is longer than {self._max_task_chars} characters")
+        # Checked before the session is claimed (a refused task leaves nothing behind) and again after the await.
+        self._check_task_cap(principal)
         session = await claim_session(self._store, principal, session_id or new_session_id())
         if session.id in self._by_session:
             raise Conflict(f"session {session.id!r} is running task {self._by_session[session.id]}; "
                            "wait for it or cancel it")
-        owned = sum(1 for h in self._handles.values() if h.task.owner == principal.subject)
-        if owned >= self._max_tasks_per_client:
-            raise LimitExceeded(f"{owned} tasks are running for this client (ALEX_MAX_TASKS_PER_CLIENT)")
+        self._check_task_cap(principal)
         task = Task(id=new_task_id(), session_id=session.id, owner=principal.subject, text=text,
                     trace_id=self._new_trace_id())
         handle = _Handle(task)
@@ -133,6 +133,11 @@ class TaskRunner:
         handle.job = asyncio.create_task(self._execute(handle), name=f"task {task.id}")
         log.info("task_submitted", task_id=task.id, session_id=session.id, subject=principal.subject)
         return task
+
+    def _check_task_cap(self, principal: Principal) -> None:
+        owned = sum(1 for h in self._handles.values() if h.task.owner == principal.subject)
+        if owned >= self._max_tasks_per_client:
+            raise LimitExceeded(f"{owned} tasks are running for this client (ALEX_MAX_TASKS_PER_CLIENT)")
 
     async def get(self, principal: Principal, task_id: str) -> Task:
         task = await self._store.get_task(task_id)

@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from service.api.deps import DEFAULT_LIMIT, SessionReader, SessionsDep, SessionWriter
-from service.api.schemas import EventList, Problem, SessionList, SessionView
+from service.api.problems import problem_responses
+from service.api.schemas import EventList, SessionList, SessionView
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"], dependencies=[DEFAULT_LIMIT])
 
-_PROBLEMS: dict[int | str, dict[str, object]] = {code: {"model": Problem} for code in (401, 403, 404, 429)}
+_PROBLEMS = problem_responses(404)
 
 
 @router.get("", response_model=SessionList, responses=_PROBLEMS)

@@ -17,8 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
-from service.api.problems import ApiError
-from service.api.schemas import Problem
+from service.api.problems import ApiError, problem_responses
 from service.app.access import Principal
 from service.app.sessions import SessionService
 from service.app.stream import SessionFeed
@@ -67,8 +66,7 @@ async def _frames(sessions: SessionService, principal: Principal, feed: SessionF
     "/api/sse",
     response_class=EventSourceResponse,
     dependencies=[DEFAULT_LIMIT],
-    responses={200: {"content": {"text/event-stream": {}}}, **{c: {"model": Problem} for c in (400, 401, 403,
-                                                                                              404, 429)}},
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(400, 404)},
 )
 async def stream_events(
     principal: SessionReader,

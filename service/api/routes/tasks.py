@@ -6,14 +6,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from service.api.deps import DEFAULT_LIMIT, TASKS_LIMIT, RunnerDep, SessionReader, TaskWriter
-from service.api.problems import ApiError
-from service.api.schemas import Problem, TaskAccepted, TaskCreate, TaskView
+from service.api.problems import ApiError, problem_responses
+from service.api.schemas import TaskAccepted, TaskCreate, TaskView
 
 router = APIRouter(prefix="/api/tasks", tags=["tasks"])
 
-_PROBLEMS: dict[int | str, dict[str, object]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}} for code in (401, 403, 404, 429)
-}
+_PROBLEMS = problem_responses(404)
 
 
 async def require_json(request: Request) -> None:
@@ -27,8 +25,7 @@ async def require_json(request: Request) -> None:
     status_code=202,
     response_model=TaskAccepted,
     dependencies=[TASKS_LIMIT, Depends(require_json)],
-    responses={**_PROBLEMS, 409: {"model": Problem}, 413: {"model": Problem}, 415: {"model": Problem},
-               429: {"model": Problem}, 503: {"model": Problem}},
+    responses=problem_responses(400, 404, 409, 413, 415, 503),
 )
 async def submit_task(body: TaskCreate, principal: TaskWriter, runner: RunnerDep) -> JSONResponse:
     """Start a task in a session (new or existing); it runs in the background. Follow it on ``/api/sse``."""
@@ -50,7 +47,7 @@ async def get_task(task_id: str, principal: SessionReader, runner: RunnerDep) ->
 
 
 @router.post("/{task_id}/cancel", status_code=202, response_model=TaskView, dependencies=[DEFAULT_LIMIT],
-             responses={**_PROBLEMS, 409: {"model": Problem}, 429: {"model": Problem}})
+             responses=problem_responses(404, 409))
 async def cancel_task(task_id: str, principal: TaskWriter, runner: RunnerDep) -> TaskView:
     """Stop a queued or running task (idempotent). A finished task answers 409."""
     task = await runner.cancel(principal, task_id)
