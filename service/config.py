@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     jwt_public_key_file: Path | None = None
     jwt_jwks_url: str | None = None
     jwt_jwks_cache_seconds: float = Field(default=600.0, gt=0)
+    jwt_jwks_min_refresh_seconds: float = Field(default=10.0, ge=0)
+    """The key set is fetched at most this often, whatever ``kid`` the tokens name."""
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=600)

@@ -143,7 +143,8 @@ async def build_container(
         elif settings.jwt_jwks_url is not None:
             http = httpx.AsyncClient(follow_redirects=False)
             closers.append(http.aclose)
-            source = JwksKeys(settings.jwt_jwks_url, http, max_age_seconds=settings.jwt_jwks_cache_seconds)
+            source = JwksKeys(settings.jwt_jwks_url, http, max_age_seconds=settings.jwt_jwks_cache_seconds,
+                              min_refresh_seconds=settings.jwt_jwks_min_refresh_seconds)
         else:
             key = signing_key(settings)
             source = key.secret
