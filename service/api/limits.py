@@ -1,17 +1,16 @@
-"""Request bodies capped before they are read whole: 413 for a declared or an actual size over the limit.
+"""Request bodies capped before the application reads them: 413 for a declared or an actual size over the limit.
 
-Pure ASGI (no ``BaseHTTPMiddleware``), so that streaming responses and disconnect detection are untouched.
+A body with a ``Content-Length`` is judged by it (HTTP framing holds the client to it). A chunked body is read here,
+up to the limit, and handed on whole: the application's own body reading turns any error raised while it reads
+into a 400, so the cap cannot be enforced from inside ``receive``. Pure ASGI (no ``BaseHTTPMiddleware``), so that
+streaming responses and disconnect detection are untouched.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.problems import ApiError, problem
-
-
-class _TooLarge(ApiError):
-    """Raised from ``receive``: the app's problem handlers turn it into a 413 like any other API error."""
+from service.api.problems import problem
 
 
 class BodySizeLimit:
@@ -33,29 +32,30 @@ class BodySizeLimit:
                 if declared > self._max:
                     await self._reject(scope, receive, send, 413, self._message())
                     return
-        received = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal received
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self._app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self._max:
-                    raise _TooLarge(413, self._message(), headers={"Connection": "close"})
-            return message
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self._app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                break  # the client left; the application sees an empty body and then the disconnect
+            body += message.get("body", b"")
+            if len(body) > self._max:
                 await self._reject(scope, receive, send, 413, self._message())
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self._app(scope, replay, send)
 
     def _message(self) -> str:
         return f"the request body is larger than {self._max} bytes"

@@ -8,7 +8,6 @@ A task belongs to its session's owner. One task runs per session at a time; a su
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +16,11 @@ import structlog
 
 from service.app.access import Principal, claim_session
 from service.app.ports import EventLog, SessionStore
-from service.app.stream import LogSink
+from service.app.stream import HoldingSink, LogSink
 from service.app.workspaces import Workspaces
 from service.domain.engine import Outcome, Progress, ReactEngine, TaskRequest, TaskResult
 from service.domain.errors import Conflict, Invalid, LimitExceeded, NotFound, Unavailable
-from service.domain.events import ErrorEvent, TaskCancelled, utc_now
+from service.domain.events import ErrorEvent, Event, TaskCancelled, utc_now
 from service.domain.llm import Message
 from service.domain.models import Task, TaskStatus, Todo, new_session_id, new_task_id
 
@@ -207,6 +206,7 @@ class TaskRunner:
         bound = structlog.contextvars.bind_contextvars(task_id=task.id, session_id=task.session_id)
         conversation: list[Message] = []
         loaded = False
+        sink = HoldingSink(LogSink(self._events))
         try:
             handle.started = True
             if handle.cancel_reason is not None:
@@ -219,8 +219,8 @@ class TaskRunner:
             workspace = await self._workspaces.ensure(task.session_id)
             request = TaskRequest(task.session_id, task.id, task.text, task.trace_id)
             todos = SessionTodoList(self._store, task.session_id)
-            result = await self._engine.run(request, conversation, LogSink(self._events), workspace=workspace,
-                                            todos=todos, progress=handle.progress)
+            result = await self._engine.run(request, conversation, sink, workspace=workspace, todos=todos,
+                                            progress=handle.progress)
             handle.finishing = True
             self._record(task, result)
         except asyncio.CancelledError:
@@ -228,28 +228,40 @@ class TaskRunner:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            await self._cancelled(handle)
+            sink.held = self._cancelled(handle)
         except Exception as exc:  # a bug or a storage failure: the task fails visibly, the server goes on
             handle.finishing = True
             log.exception("task_crashed", task_id=task.id)
             task.status, task.error = TaskStatus.FAILED, f"internal error: {type(exc).__name__}"
-            with contextlib.suppress(Exception):
-                await self._events.append(ErrorEvent(session_id=task.session_id, task_id=task.id,
-                                                     trace_id=task.trace_id, error=task.error, recoverable=False))
+            sink.held = ErrorEvent(session_id=task.session_id, task_id=task.id, trace_id=task.trace_id,
+                                   error=task.error, recoverable=False)
         finally:
-            handle.finishing = True
-            task.finished_at = utc_now()
             try:
-                if loaded:
-                    await self._store.save_messages(task.session_id, [m.to_dict() for m in conversation])
-                await self._store.update_task(task)
-            except Exception:
-                log.exception("task_not_saved", task_id=task.id)
+                await self._settle(handle, conversation if loaded else None, sink.held)
             finally:
-                self._release(handle)
-                log.info("task_finished", task_id=task.id, status=task.status.value, iterations=task.iterations,
-                         total_tokens=task.usage.get("total_tokens", 0), error=task.error)
                 structlog.contextvars.reset_contextvars(**bound)
+
+    async def _settle(self, handle: _Handle, conversation: list[Message] | None, last: Event | None) -> None:
+        """Store the outcome, free the session, then send the task's last event (in that order: a client acting on
+        the event finds the task finished and the session free)."""
+        handle.finishing = True
+        task = handle.task
+        task.finished_at = utc_now()
+        try:
+            if conversation is not None:
+                await self._store.save_messages(task.session_id, [m.to_dict() for m in conversation])
+            await self._store.update_task(task)
+        except Exception:
+            log.exception("task_not_saved", task_id=task.id)
+        finally:
+            self._release(handle)
+            if last is not None:
+                try:
+                    await self._events.append(last)
+                except Exception:
+                    log.exception("terminal_event_lost", task_id=task.id)
+            log.info("task_finished", task_id=task.id, status=task.status.value, iterations=task.iterations,
+                     total_tokens=task.usage.get("total_tokens", 0), error=task.error)
 
     @staticmethod
     def _record(task: Task, result: TaskResult) -> None:
@@ -259,13 +271,13 @@ class TaskRunner:
         task.usage = result.usage.to_dict()
         task.error = result.error
 
-    async def _cancelled(self, handle: _Handle) -> None:
+    @staticmethod
+    def _cancelled(handle: _Handle) -> TaskCancelled:
+        """Record the cancellation on the task; returns its event."""
         task = handle.task
         reason = handle.cancel_reason or "cancelled"
         task.status = TaskStatus.INTERRUPTED if handle.interrupted else TaskStatus.CANCELLED
         task.error = reason if handle.interrupted else None
         task.iterations = handle.progress.iterations
         task.usage = handle.progress.usage.to_dict()
-        await self._events.append(
-            TaskCancelled(session_id=task.session_id, task_id=task.id, trace_id=task.trace_id, reason=reason)
-        )
+        return TaskCancelled(session_id=task.session_id, task_id=task.id, trace_id=task.trace_id, reason=reason)

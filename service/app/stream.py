@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from service.app.ports import EventLog
-from service.domain.events import Event, StoredEvent
+from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
 
 REPLAY_PAGE = 500
 
@@ -27,6 +27,24 @@ class LogSink:
         # before any stream got to write: let the streams run once per event. A client that is really slow
         # still falls behind (its socket stops taking bytes) and is cut off as designed.
         await asyncio.sleep(0)
+
+
+class HoldingSink:
+    """Passes every event on at once but the one that ends the task, which it keeps in ``held``.
+
+    The runner appends the held event only once the task's outcome is stored and its session free, so that a
+    client acting on ``task_complete`` (reading the task, submitting the next one) finds it finished.
+    """
+
+    def __init__(self, sink: LogSink) -> None:
+        self._sink = sink
+        self.held: Event | None = None
+
+    async def emit(self, event: Event) -> None:
+        if event.event_type in TERMINAL_EVENT_TYPES:
+            self.held = event
+            return
+        await self._sink.emit(event)
 
 
 class SessionFeed:

@@ -14,7 +14,9 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
 from service.api.problems import ApiError, problem_responses
@@ -29,6 +31,21 @@ log = structlog.get_logger("service.sse")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
+
+
+class SessionStreamResponse(EventSourceResponse):
+    """The event stream; a client that stops reading for good ends it quietly.
+
+    Such a client has already been cut off (``slow_client``) or simply never reads again; sse-starlette's send
+    timeout then raises, which is the expected end of that stream, not a server failure. The server drops the
+    connection (uvicorn notes once that the response was left unfinished).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info("sse_client_stalled", path=scope.get("path"))
 
 
 def _ping() -> ServerSentEvent:
@@ -64,7 +81,7 @@ async def _frames(sessions: SessionService, principal: Principal, feed: SessionF
 
 @router.get(
     "/api/sse",
-    response_class=EventSourceResponse,
+    response_class=SessionStreamResponse,
     dependencies=[DEFAULT_LIMIT],
     responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(400, 404)},
 )
@@ -76,13 +93,13 @@ async def stream_events(
     last_event_id: Annotated[str | None, Query(description="Resume after this id (EventSource cannot set "
                                                            "the Last-Event-ID header on a first connect).")] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> EventSourceResponse:
+) -> SessionStreamResponse:
     """Follow a session's events. The session is created for the caller when the id is free."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
     feed = await sessions.follow(principal, session_id, after)
     log.info("sse_stream_opened", session_id=session_id, last_event_id=after)
     heartbeat = container.settings.sse_heartbeat_seconds
-    return EventSourceResponse(
+    return SessionStreamResponse(
         _frames(sessions, principal, feed, session_id),
         headers=STREAM_HEADERS,
         ping=heartbeat,
