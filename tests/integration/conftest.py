@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.server import ServerProcess, auth
+from tests.integration.server import ServerProcess, auth, fresh_data_root
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+def server() -> Iterator[ServerProcess]:
     """A server on its embedded defaults (SQLite, in-process broker) with the mock model at zero delay."""
-    process = ServerProcess(tmp_path / "data").start()
+    root = fresh_data_root()
+    process = ServerProcess(root / "data").start()
     try:
         yield process
     finally:
         process.kill()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +25,14 @@ ALL_SCOPES = ("tasks:write", "sessions:read", "sessions:write")
 def clean_environment() -> dict[str, str]:
     """The test process's environment without anything that configures the service."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("ALEX_", "OPENAI_", "OTEL_")) and k != "PORT"}
+
+
+def fresh_data_root() -> Path:
+    """A folder for a server's data, outside pytest's temporary folder (which other pytest runs reset to 0700),
+    passable by the bash sandbox's user."""
+    root = Path(tempfile.mkdtemp(prefix="alex-test-"))
+    root.chmod(0o711)
+    return root
 
 
 def make_traversable(folder: Path) -> None:

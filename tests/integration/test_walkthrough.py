@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,13 +39,29 @@ WITH_ITERATION = frozenset({"iteration_start", "thinking", "think_complete", "to
 STREAM_TIMEOUT = 20.0
 
 
+ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
+"""These tests send more requests than a person would; the rate limits have tests of their own."""
+
+
 @contextlib.contextmanager
-def running(tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
-    process = ServerProcess(tmp_path / "data", env=env).start()
+def data_folder() -> Iterator[Path]:
+    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
+    so, while the bash sandbox's user must pass through every folder above the workspaces."""
+    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
+    root.chmod(0o711)
     try:
-        yield process
+        yield root / "data"
     finally:
-        process.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
+    with contextlib.ExitStack() as stack:
+        folder = data if data is not None else stack.enter_context(data_folder())
+        process = ServerProcess(folder, env={**ROOMY_LIMITS, **env}).start()
+        stack.callback(process.kill)
+        yield process
 
 
 @dataclass
@@ -255,8 +272,8 @@ async def check_deleted(server: ServerProcess, client: httpx.AsyncClient, task_i
     assert not (server.data_dir / "workspaces" / "test-session").exists()
 
 
-async def test_the_curl_walkthrough_step_by_step(tmp_path: Path) -> None:
-    with running(tmp_path, ALEX_SSE_HEARTBEAT_SECONDS="0.2") as server:
+async def test_the_curl_walkthrough_step_by_step() -> None:
+    with running(ALEX_SSE_HEARTBEAT_SECONDS="0.2") as server:
         async with (
             httpx.AsyncClient(base_url=server.base_url, headers=auth("alice"), timeout=10.0) as client,
             httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as anonymous,
@@ -296,6 +313,7 @@ async def test_the_curl_walkthrough_step_by_step(tmp_path: Path) -> None:
             check_ids_increase(first_task + second_task)
             assert second_task[0]["trace_id"] != first_task[0]["trace_id"]
 
+            assert (await wait_finished(client, second_id))["status"] == "completed"
             grown = (await client.get("/api/sessions/test-session")).json()["messages"]
             assert grown[:5] == messages, "the earlier turn is kept as it was"
             assert [m["role"] for m in grown[5:]] == ["user", "assistant", "tool", "assistant"]
@@ -355,7 +373,7 @@ def readme_sections() -> dict[str, list[str]]:
 
 
 def commands(block: str) -> list[str]:
-    """The command lines of a bash block (continuations joined), each without its trailing comment."""
+    """The command lines of a bash block, continuations joined (a trailing comment stays: bash ignores it)."""
     joined = block.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
@@ -443,9 +461,14 @@ def follow_and_submit(shell: Shell, sections: dict[str, list[str]]) -> str:
     return task_id
 
 
-def test_the_readme_curl_commands_work_as_written(server: ServerProcess) -> None:
+def test_the_readme_curl_commands_work_as_written() -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed; the README's walk-through needs it")
+    with running() as server:
+        walk_the_readme(server)
+
+
+def walk_the_readme(server: ServerProcess) -> None:
     sections = readme_sections()
     assert {"0", "1", "2", "3", "4", "5"} <= set(sections), f"README sections changed: {sorted(sections)}"
     shell = Shell(server)
@@ -524,8 +547,13 @@ def alex_server(*args: str, timeout: float = 60.0) -> subprocess.CompletedProces
                           check=False, stdin=subprocess.DEVNULL)
 
 
-def test_alex_server_run_prints_the_task_and_exits_0(server: ServerProcess) -> None:
-    done = alex_server("run", "$ echo hello-from-run", "--url", server.base_url)
+def test_alex_server_run_prints_the_task_and_exits_0() -> None:
+    with running() as server:
+        done = alex_server("run", "$ echo hello-from-run", "--url", server.base_url)
+        check_run_output(server, done)
+
+
+def check_run_output(server: ServerProcess, done: subprocess.CompletedProcess[str]) -> None:
     assert done.returncode == 0, (done.stdout, done.stderr)
     lines = done.stdout.splitlines()
     assert '⚙ bash {"command": "echo hello-from-run"}' in lines
@@ -548,7 +576,7 @@ def test_alex_server_run_exits_1_when_the_model_fails(tmp_path: Path) -> None:
     script.write_text(json.dumps({"turns": [
         {"text": "Thinking hard.", "error": {"kind": "server", "message": "the scripted model fell over"}},
     ]}))
-    with running(tmp_path, ALEX_MOCK_SCRIPT=str(script)) as server:
+    with running(ALEX_MOCK_SCRIPT=str(script)) as server:
         done = alex_server("run", "$ echo never-run", "--url", server.base_url)
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Thinking hard." in done.stdout
@@ -556,11 +584,8 @@ def test_alex_server_run_exits_1_when_the_model_fails(tmp_path: Path) -> None:
     assert "⚙" not in done.stdout, "no tool ran"
 
 
-def test_alex_server_run_exits_4_when_the_server_is_unreachable(tmp_path: Path) -> None:
-    # A port nobody listens on: bind one, then close it.
-    import socket
-
-    with socket.socket() as probe:
+def test_alex_server_run_exits_4_when_the_server_is_unreachable() -> None:
+    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.monotonic()
@@ -568,4 +593,3 @@ def test_alex_server_run_exits_4_when_the_server_is_unreachable(tmp_path: Path) 
     assert done.returncode == 4, (done.stdout, done.stderr)
     assert "alex-server:" in done.stderr
     assert time.monotonic() - started < 15
-    assert os.path.exists(ALEX_SERVER)

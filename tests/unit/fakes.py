@@ -31,6 +31,7 @@ __all__ = [
     "RecordingSink",
     "ScriptedModel",
     "SlowTool",
+    "Turn",
     "answer",
     "call",
     "clear_settings_environment",
