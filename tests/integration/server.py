@@ -48,8 +48,12 @@ def make_traversable(folder: Path) -> None:
 class ServerProcess:
     """``alex-server serve`` in a child process; its JSON log lines are collected in :attr:`logs`."""
 
-    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: Mapping[str, str] | None = None, *,
+                 command: list[str] | None = None, cwd: Path | None = None, secret: str | None = SECRET) -> None:
+        """``command`` defaults to ``python -m service serve``; ``secret=None`` lets the server make its own."""
         self.data_dir = data_dir
+        self.command = command or [sys.executable, "-m", "service", "serve"]
+        self.cwd = cwd
         make_traversable(data_dir.parent)
         self.env = {
             **clean_environment(),
@@ -57,7 +61,7 @@ class ServerProcess:
             "ALEX_HOST": "127.0.0.1",
             "ALEX_DATA_DIR": str(data_dir),
             "ALEX_LOG_FORMAT": "json",
-            "ALEX_JWT_SECRET": SECRET,
+            **({"ALEX_JWT_SECRET": secret} if secret is not None else {}),
             "ALEX_MOCK_DELAY_MS": "0",
             # Functional tests submit many tasks quickly; the rate-limit tests set their own limits.
             "ALEX_RATE_LIMIT_TASKS": "10000/minute",
@@ -85,8 +89,9 @@ class ServerProcess:
         self._listening.clear()
         self.port = None
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            self.command,
             env=self.env,
+            cwd=self.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -389,7 +389,9 @@ class Shell:
 
     def __init__(self, server: ServerProcess) -> None:
         self.port = str(server.port)
-        self.env = {**clean_environment(), "ALEX_JWT_SECRET": SECRET, "ALEX_DATA_DIR": str(server.data_dir)}
+        self.env = {**clean_environment(), "ALEX_DATA_DIR": str(server.data_dir)}
+        if "ALEX_JWT_SECRET" in server.env:
+            self.env["ALEX_JWT_SECRET"] = server.env["ALEX_JWT_SECRET"]
 
     def localize(self, command: str) -> str:
         return command.replace(":8080", f":{self.port}")
@@ -461,11 +463,20 @@ def follow_and_submit(shell: Shell, sections: dict[str, list[str]]) -> str:
     return task_id
 
 
-def test_the_readme_curl_commands_work_as_written() -> None:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed; the README's walk-through needs it")
-    with running() as server:
-        walk_the_readme(server)
+def test_make_run_then_the_readme_curl_commands_work_as_written() -> None:
+    """As a new user does it: ``make run`` (no secret configured: the server makes one in its data folder), the
+    README's token line against that folder, then its curl commands."""
+    if shutil.which("curl") is None or shutil.which("make") is None:
+        pytest.skip("curl and make are needed for the README's walk-through")
+    with data_folder() as folder:
+        server = ServerProcess(folder, env=ROOMY_LIMITS, command=["make", "--no-print-directory", "run"], cwd=REPO,
+                               secret=None)
+        try:
+            server.start(timeout=300)  # make run installs first when pyproject.toml changed
+            assert (folder / "jwt_secret").exists(), "the server did not make its secret"
+            walk_the_readme(server)
+        finally:
+            server.kill()
 
 
 def walk_the_readme(server: ServerProcess) -> None:
