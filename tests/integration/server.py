@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,26 @@ def fresh_data_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="alex-test-"))
     root.chmod(0o711)
     return root
+
+
+@contextlib.contextmanager
+def data_folder() -> Iterator[Path]:
+    """A data folder (not yet made) in a :func:`fresh_data_root`, removed afterwards."""
+    root = fresh_data_root()
+    try:
+        yield root / "data"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
+    """A started server with ``env`` on top of the harness's defaults (in a fresh data folder unless ``data``)."""
+    with contextlib.ExitStack() as stack:
+        folder = data if data is not None else stack.enter_context(data_folder())
+        process = ServerProcess(folder, env=env).start()
+        stack.callback(process.kill)
+        yield process
 
 
 def make_traversable(folder: Path) -> None:

@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.integration.server import SECRET, ServerProcess, clean_environment
+from tests.integration.server import SECRET, ServerProcess, clean_environment, data_folder
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +44,6 @@ POLL = 0.1
 
 
 # Servers and keys
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder (0700, and reset by a concurrent pytest session), which the
-    bash sandbox's user must be able to pass through."""
-    root = Path(tempfile.mkdtemp(prefix="alex-auth-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

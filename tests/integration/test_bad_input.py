@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-import shutil
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from service.tokens import mint_token
-from tests.integration.server import ServerProcess, auth, token
+from tests.integration.server import ServerProcess, auth, data_folder, token
 
 pytestmark = pytest.mark.integration
 
 MAX_TASK_CHARS = 100
 MAX_BODY_BYTES = 2048
-ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
-"""These tests send more requests than a person would; the rate limits have tests of their own."""
 TLS = ssl.create_default_context()
 """One trust store for every client (nothing here is TLS, but each new client would load its own: ~25 ms)."""
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
-    so, while the bash sandbox's user must pass through every folder above the workspaces."""
-    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -53,7 +35,7 @@ class World:
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     """One server (small task and body limits) where alice has a session with a finished task."""
-    env = {**ROOMY_LIMITS, "ALEX_MAX_TASK_CHARS": str(MAX_TASK_CHARS), "ALEX_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    env = {"ALEX_MAX_TASK_CHARS": str(MAX_TASK_CHARS), "ALEX_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
     with data_folder() as data:
         server = ServerProcess(data, env=env).start()
         try:

@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from service.client import SseMessage, parse_sse
-from tests.integration.server import ServerProcess, auth
+from tests.integration.server import ServerProcess, auth, data_folder, running
 
 pytestmark = pytest.mark.integration
 
@@ -66,29 +65,6 @@ def kill_leftovers(text: str) -> list[int]:
     return pids
 
 
-ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
-"""These tests send more requests than a person would; the rate limits have tests of their own."""
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
-    so, while the bash sandbox's user must pass through every folder above the workspaces."""
-    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
-    with contextlib.ExitStack() as stack:
-        folder = data if data is not None else stack.enter_context(data_folder())
-        process = ServerProcess(folder, env={**ROOMY_LIMITS, **env}).start()
-        stack.callback(process.kill)
-        yield process
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,32 +14,19 @@ import pytest
 
 from service.client import SseMessage, parse_sse
 from tests.fakes.openai_server import FakeOpenAI, tool_call
-from tests.integration.server import ServerProcess, auth
+from tests.integration.server import ServerProcess, auth, data_folder
 
 pytestmark = pytest.mark.integration
 
 KEY = "sk-test"
 TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
 STREAM_TIMEOUT = 20.0
-ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
-    so, while the bash sandbox's user must pass through every folder above the workspaces."""
-    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def openai_server(fake: FakeOpenAI, **env: str) -> Iterator[ServerProcess]:
     """The real server with the OpenAI provider pointed at ``fake``."""
-    settings = {**ROOMY_LIMITS, "ALEX_LLM_PROVIDER": "openai", "OPENAI_API_KEY": KEY, "ALEX_BASE_URL": fake.base_url,
+    settings = {"ALEX_LLM_PROVIDER": "openai", "OPENAI_API_KEY": KEY, "ALEX_BASE_URL": fake.base_url,
                 **env}
     with data_folder() as data:
         process = ServerProcess(data, env=settings).start()

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -21,24 +19,12 @@ import jwt
 import pytest
 
 from service.client import SseMessage, parse_sse
-from tests.integration.server import SECRET, ServerProcess, auth, token
+from tests.integration.server import SECRET, ServerProcess, auth, data_folder, token
 
 pytestmark = pytest.mark.integration
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 STREAM_TIMEOUT = 20.0
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder (0700, and reset by a concurrent pytest session), which the
-    bash sandbox's user must be able to pass through."""
-    root = Path(tempfile.mkdtemp(prefix="alex-rl-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

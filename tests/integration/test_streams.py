@@ -5,20 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from service.client import SseMessage, parse_sse
-from tests.integration.server import ServerProcess, auth, token
+from tests.integration.server import ServerProcess, auth, running, token
 
 pytestmark = pytest.mark.integration
 
@@ -26,29 +23,6 @@ TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
 STREAM_TIMEOUT = 20.0
 
 
-ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
-"""These tests send more requests than a person would; the rate limits have tests of their own."""
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
-    so, while the bash sandbox's user must pass through every folder above the workspaces."""
-    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
-    with contextlib.ExitStack() as stack:
-        folder = data if data is not None else stack.enter_context(data_folder())
-        process = ServerProcess(folder, env={**ROOMY_LIMITS, **env}).start()
-        stack.callback(process.kill)
-        yield process
 
 
 @pytest.fixture(scope="module")

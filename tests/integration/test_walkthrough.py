@@ -4,7 +4,6 @@ commands run verbatim; and ``alex-server run`` against a live server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import queue
@@ -13,10 +12,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.server import SECRET, ServerProcess, auth, clean_environment
+from tests.integration.server import SECRET, ServerProcess, auth, clean_environment, data_folder, running
 
 pytestmark = pytest.mark.integration
 
@@ -39,29 +37,6 @@ WITH_ITERATION = frozenset({"iteration_start", "thinking", "think_complete", "to
 STREAM_TIMEOUT = 20.0
 
 
-ROOMY_LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000/minute", "ALEX_RATE_LIMIT_DEFAULT": "100000/minute"}
-"""These tests send more requests than a person would; the rate limits have tests of their own."""
-
-
-@contextlib.contextmanager
-def data_folder() -> Iterator[Path]:
-    """A data folder outside pytest's base temp folder: that one is 0700, and a concurrent pytest session resets it
-    so, while the bash sandbox's user must pass through every folder above the workspaces."""
-    root = Path(tempfile.mkdtemp(prefix="alex-it-"))
-    root.chmod(0o711)
-    try:
-        yield root / "data"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
-    with contextlib.ExitStack() as stack:
-        folder = data if data is not None else stack.enter_context(data_folder())
-        process = ServerProcess(folder, env={**ROOMY_LIMITS, **env}).start()
-        stack.callback(process.kill)
-        yield process
 
 
 @dataclass
@@ -80,7 +55,8 @@ class RawStream:
 
     @staticmethod
     async def _parse(lines: AsyncIterator[str]) -> AsyncIterator[Frame | str]:
-        event, data, frame_id = "", [], None
+        event, frame_id = "", None
+        data: list[str] = []
         async for line in lines:
             if line == "":
                 if data or event:
@@ -469,7 +445,7 @@ def test_make_run_then_the_readme_curl_commands_work_as_written() -> None:
     if shutil.which("curl") is None or shutil.which("make") is None:
         pytest.skip("curl and make are needed for the README's walk-through")
     with data_folder() as folder:
-        server = ServerProcess(folder, env=ROOMY_LIMITS, command=["make", "--no-print-directory", "run"], cwd=REPO,
+        server = ServerProcess(folder, command=["make", "--no-print-directory", "run"], cwd=REPO,
                                secret=None)
         try:
             server.start(timeout=300)  # make run installs first when pyproject.toml changed
