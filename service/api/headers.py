@@ -6,6 +6,8 @@ pages set their own, wider policy (scripts and styles from this origin).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -15,12 +17,20 @@ _HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
+    (b"content-security-policy", API_POLICY.encode()),
 ]
 
 
-class SecurityHeaders:
+class ResponseHeaders(ABC):
+    """Pure ASGI middleware that adds headers to every HTTP response it passes on; a header the response already
+    has is kept. Subclasses say which headers, per request."""
+
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
+
+    @abstractmethod
+    def headers_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The headers to add to this request's response."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,10 +41,13 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {name.lower() for name, _ in headers}
-                headers += [(k, v) for k, v in _HEADERS if k not in present]
-                if b"content-security-policy" not in present:
-                    headers.append((b"content-security-policy", API_POLICY.encode()))
+                headers += [(k, v) for k, v in self.headers_for(scope) if k not in present]
                 message["headers"] = headers
             await send(message)
 
         await self._app(scope, receive, send_with_headers)
+
+
+class SecurityHeaders(ResponseHeaders):
+    def headers_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        return _HEADERS

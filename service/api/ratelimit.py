@@ -23,8 +23,9 @@ from fastapi import Request
 from limits import RateLimitItem, parse
 from slowapi import Limiter
 from slowapi.util import get_remote_address
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
+from service.api.headers import ResponseHeaders
 from service.api.problems import ApiError
 from service.config import Settings
 
@@ -121,26 +122,9 @@ def limit(kind: str, identify: Callable[[Request], str | None]) -> Callable[[Req
     return check
 
 
-class RateLimitHeaders:
+class RateLimitHeaders(ResponseHeaders):
     """Adds the ``X-RateLimit-*`` headers a limit dependency recorded to the response (streams included)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                state = scope.get("state") or {}
-                recorded: dict[str, str] | None = state.get(HEADERS_STATE_KEY)
-                if recorded:
-                    present = {name.lower() for name, _ in message.get("headers", [])}
-                    extra = [(k.lower().encode(), v.encode()) for k, v in recorded.items()
-                             if k.lower().encode() not in present]
-                    message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self._app(scope, receive, send_with_headers)
+    def headers_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        recorded: dict[str, str] | None = (scope.get("state") or {}).get(HEADERS_STATE_KEY)
+        return [(k.lower().encode(), v.encode()) for k, v in (recorded or {}).items()]
