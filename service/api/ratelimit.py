@@ -93,9 +93,6 @@ class RateLimits:
             return Verdict(True, item.amount, item.amount, time.time() + item.get_expiry())
         return Verdict(allowed, item.amount, max(0, remaining), reset_at)
 
-    def reset(self) -> None:
-        self._limiter.reset()
-
 
 def client_key(request: Request, subject: str | None) -> str:
     return f"sub:{subject}" if subject else f"ip:{get_remote_address(request)}"
