@@ -20,12 +20,11 @@ import httpx
 import pytest
 
 from service.client import SseMessage, parse_sse
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit
 from tests.integration.server import ServerProcess, auth
 
 pytestmark = pytest.mark.integration
 
-STREAM_TIMEOUT = 20.0
-TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
 NOT_FOUND_HINTS = ("forbidden", "permission", "owner", "belongs", "alice", "not allowed", "access")
 
 
@@ -133,13 +132,6 @@ async def events_until(messages: AsyncIterator[SseMessage], task_id: str) -> lis
             if body["task_id"] == task_id and body["event_type"] in TERMINAL:
                 return events
     raise AssertionError(f"the stream ended after {len(events)} events")
-
-
-async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
-    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
-    assert response.status_code == 202, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
 
 
 async def status_of(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> int:

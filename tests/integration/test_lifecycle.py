@@ -17,12 +17,11 @@ import httpx
 import pytest
 
 from service.client import SseMessage, parse_sse
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit, wait_finished
 from tests.integration.server import ServerProcess, auth, data_folder, running
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
-STREAM_TIMEOUT = 20.0
 INTERRUPTED_BY_RESTART = "the server stopped while the task ran"
 INTERRUPTED_BY_SHUTDOWN = "the server shut down before the task finished"
 
@@ -107,22 +106,6 @@ async def take_until(messages: AsyncIterator[SseMessage], event_type: str | froz
             if message.event in kinds:
                 return events
     raise AssertionError(f"the stream ended before {sorted(kinds)}: {[e['event_type'] for e in events]}")
-
-
-async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
-    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
-    assert response.status_code == 202, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
-
-
-async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(STREAM_TIMEOUT):
-        while True:
-            task: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
-            if task["status"] not in ("queued", "running"):
-                return task
-            await asyncio.sleep(0.02)
 
 
 def check_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -14,13 +14,12 @@ import pytest
 
 from service.client import SseMessage, parse_sse
 from tests.fakes.openai_server import FakeOpenAI, tool_call
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit, wait_finished
 from tests.integration.server import ServerProcess, auth, data_folder
 
 pytestmark = pytest.mark.integration
 
 KEY = "sk-test"
-TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
-STREAM_TIMEOUT = 20.0
 
 
 @contextlib.contextmanager
@@ -66,22 +65,6 @@ async def until_terminal(messages: AsyncIterator[SseMessage], task_id: str) -> l
             if message.event in TERMINAL:
                 return events
     raise AssertionError(f"the stream ended early: {[e['event_type'] for e in events]}")
-
-
-async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
-    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
-    assert response.status_code == 202, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
-
-
-async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(STREAM_TIMEOUT):
-        while True:
-            task: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
-            if task["status"] not in ("queued", "running"):
-                return task
-            await asyncio.sleep(0.02)
 
 
 def of_type(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:

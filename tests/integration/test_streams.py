@@ -15,12 +15,11 @@ import httpx
 import pytest
 
 from service.client import SseMessage, parse_sse
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit
 from tests.integration.server import ServerProcess, auth, running, token
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
-STREAM_TIMEOUT = 20.0
 
 
 
@@ -73,13 +72,6 @@ async def take(messages: AsyncIterator[SseMessage], count: int | None = None,
         else:
             raise AssertionError(f"the stream ended after {len(events)} events")
     return events
-
-
-async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
-    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
-    assert response.status_code == 202, response.text
-    task_id: str = response.json()["task_id"]
-    return task_id
 
 
 async def stored_events(client: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration.calls import STREAM_TIMEOUT, wait_finished
 from tests.integration.server import SECRET, ServerProcess, auth, clean_environment, data_folder, running
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,6 @@ TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 ENVELOPE = ("event_type", "id", "session_id", "task_id", "timestamp", "trace_id")
 WITH_ITERATION = frozenset({"iteration_start", "thinking", "think_complete", "tool_call_start", "tool_call_stream",
                             "tool_call_complete", "iteration_complete", "task_complete"})
-STREAM_TIMEOUT = 20.0
 
 
 
@@ -315,15 +315,6 @@ async def test_the_curl_walkthrough_step_by_step() -> None:
             ready = await anonymous.get("/ready")
             assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     assert not server.events_logged("request_failed")
-
-
-async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(STREAM_TIMEOUT):
-        while True:
-            task: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
-            if task["status"] not in ("queued", "running"):
-                return task
-            await asyncio.sleep(0.02)
 
 
 # The README's curl commands, verbatim

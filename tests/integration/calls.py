@@ -1,0 +1,32 @@
+"""Calls the integration tests make again and again against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+STREAM_TIMEOUT = 20.0
+"""The longest any test waits for a stream or a task: a bug fails the test instead of hanging it."""
+
+TERMINAL = frozenset({"task_complete", "task_cancelled", "error"})
+"""The events that end a task."""
+
+
+async def submit(client: httpx.AsyncClient, task: str, session_id: str) -> str:
+    """Submit a task (asserting 202); returns its id."""
+    response = await client.post("/api/tasks", json={"task": task, "session_id": session_id})
+    assert response.status_code == 202, response.text
+    task_id: str = response.json()["task_id"]
+    return task_id
+
+
+async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    """Poll the task until it is no longer queued or running; returns it."""
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        while True:
+            task: dict[str, Any] = (await client.get(f"/api/tasks/{task_id}")).json()
+            if task["status"] not in ("queued", "running"):
+                return task
+            await asyncio.sleep(0.02)
