@@ -8,6 +8,9 @@ streaming responses and disconnect detection are untouched.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem
@@ -62,4 +65,25 @@ class BodySizeLimit:
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+        await _drain(receive)
         await problem(status, detail, headers={"Connection": "close"})(scope, receive, send)
+
+
+DRAIN_BYTES = 16 * 1024 * 1024
+DRAIN_SECONDS = 5.0
+
+
+async def _drain(receive: Receive) -> None:
+    """Read (and drop) what the client is still sending, within bounds, before answering.
+
+    A client that is still writing its body when the connection closes under it sees a broken pipe, never the
+    413 that explains why: most HTTP clients read the answer only once they have sent the request.
+    """
+    taken = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            while taken <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                taken += len(message.get("body", b""))
