@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +20,24 @@ class SseMessage:
         return json.loads(self.data)
 
 
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
-    """Messages from an ``text/event-stream`` body, per the WHATWG rules; comments (heartbeats) are skipped."""
-    event, last_id = "", None
+async def parse_sse(lines: AsyncIterator[str], on_comment: Callable[[str], None] | None = None,
+                    ) -> AsyncGenerator[SseMessage, None]:
+    """Messages from a ``text/event-stream`` body, per the WHATWG rules.
+
+    Each message's ``id`` is its own ``id`` line (None without one: ``connected`` has none); a client resuming with
+    ``Last-Event-ID`` keeps the last one it saw. Comment lines (the ``: ping`` heartbeats) go to ``on_comment``.
+    """
+    event, message_id = "", None
     data: list[str] = []
     async for line in lines:
         if line == "":
             if data:
-                yield SseMessage(event or "message", "\n".join(data), last_id)
-            event, data = "", []
+                yield SseMessage(event or "message", "\n".join(data), message_id)
+            event, data, message_id = "", [], None
             continue
         if line.startswith(":"):
+            if on_comment is not None:
+                on_comment(line)
             continue
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
@@ -39,7 +46,7 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
         elif name == "data":
             data.append(value)
         elif name == "id":
-            last_id = value
+            message_id = value
 
 
 async def follow(client: httpx.AsyncClient, session_id: str, last_event_id: str | None = None,

@@ -7,7 +7,7 @@ other (or both: the live copy of a replayed event is skipped by id). No gap, no 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from service.app.ports import EventLog
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
@@ -71,7 +71,7 @@ class SessionFeed:
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)
 
-    async def batches(self) -> AsyncIterator[list[StoredEvent]]:
+    async def batches(self) -> AsyncGenerator[list[StoredEvent], None]:
         try:
             while True:
                 page = await self._log.read_after(self._session_id, self.last_id, REPLAY_PAGE)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
+
+from service.client import SseMessage, parse_sse
 
 STREAM_TIMEOUT = 20.0
 """The longest any test waits for a stream or a task: a bug fails the test instead of hanging it."""
@@ -30,3 +34,21 @@ async def wait_finished(client: httpx.AsyncClient, task_id: str) -> dict[str, An
             if task["status"] not in ("queued", "running"):
                 return task
             await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def open_stream(client: httpx.AsyncClient, session_id: str, *, headers: dict[str, str] | None = None,
+                      params: dict[str, str] | None = None) -> AsyncIterator[AsyncGenerator[SseMessage, None]]:
+    """The session's stream, checked to open with ``connected`` (no id, its session); yields the messages after it."""
+    async with client.stream("GET", "/api/sse", params={"session_id": session_id, **(params or {})},
+                             headers={"Accept": "text/event-stream", **(headers or {})},
+                             timeout=httpx.Timeout(10.0, read=None)) as response:
+        assert response.status_code == 200, await response.aread()
+        messages = parse_sse(response.aiter_lines())
+        try:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                first = await anext(messages)
+            assert (first.event, first.id, first.json()) == ("connected", None, {"session_id": session_id})
+            yield messages
+        finally:
+            await messages.aclose()

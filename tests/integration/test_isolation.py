@@ -19,8 +19,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from service.client import SseMessage, parse_sse
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit
+from service.client import SseMessage
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit
 from tests.integration.server import ServerProcess, auth
 
 pytestmark = pytest.mark.integration
@@ -104,22 +104,6 @@ async def bob(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
 async def alice(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.base_url, headers=auth("alice"), timeout=10) as client:
         yield client
-
-
-@contextlib.asynccontextmanager
-async def stream(client: httpx.AsyncClient, session_id: str) -> AsyncIterator[AsyncIterator[SseMessage]]:
-    """The session's event stream, checked to open with ``connected``."""
-    async with client.stream("GET", "/api/sse", params={"session_id": session_id},
-                             timeout=httpx.Timeout(10.0, read=None)) as response:
-        assert response.status_code == 200, await response.aread()
-        messages = parse_sse(response.aiter_lines())
-        try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                first = await anext(messages)
-            assert (first.event, first.json()) == ("connected", {"session_id": session_id})
-            yield messages
-        finally:
-            await messages.aclose()  # type: ignore[attr-defined]
 
 
 async def events_until(messages: AsyncIterator[SseMessage], task_id: str) -> list[dict[str, Any]]:
@@ -233,8 +217,8 @@ async def test_bob_cannot_cancel_or_delete_alices_running_task(alice: httpx.Asyn
 async def test_alices_events_never_reach_bobs_stream(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     alice_session, bob_session = new_id(), new_id()
     marker = "alice-live-" + secrets.token_hex(6)
-    async with stream(bob, bob_session) as bobs:
-        async with stream(alice, alice_session) as alices_stream:
+    async with open_stream(bob, bob_session) as bobs:
+        async with open_stream(alice, alice_session) as alices_stream:
             alice_task = await submit(alice, f"$ echo {marker}", alice_session)
             seen_by_alice = await events_until(alices_stream, alice_task)
         assert marker in json.dumps(seen_by_alice)
@@ -252,7 +236,7 @@ async def test_alices_events_never_reach_bobs_stream(alice: httpx.AsyncClient, b
 async def test_a_stream_opened_early_claims_the_id_and_never_sees_the_other_subjects_task(
         alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     session_id = new_id("race")
-    async with stream(bob, session_id) as bobs:
+    async with open_stream(bob, session_id) as bobs:
         # Bob subscribed to an id nobody had used: it is his now, and alice's task there is refused.
         check_not_found(await alice.post("/api/tasks", json={"task": "$ echo alice-in-race", "session_id": session_id}))
         assert await status_of(alice, "GET", "/api/sse", params={"session_id": session_id}) == 404
@@ -270,7 +254,7 @@ async def test_a_stream_opened_early_claims_the_id_and_never_sees_the_other_subj
 async def test_once_alice_streams_an_id_bob_can_neither_stream_it_nor_run_a_task_there(
         alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
     session_id = new_id("race")
-    async with stream(alice, session_id) as alices_stream:
+    async with open_stream(alice, session_id) as alices_stream:
         assert await status_of(bob, "GET", "/api/sse", params={"session_id": session_id}) == 404
         check_not_found(await bob.post("/api/tasks", json={"task": "$ echo bob-in-race", "session_id": session_id}))
         alice_task = await submit(alice, "$ echo alice-owns-it", session_id)

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import SseMessage, parse_sse
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit, wait_finished
+from service.client import SseMessage
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit, wait_finished
 from tests.integration.server import ServerProcess, auth, data_folder, running
 
 pytestmark = pytest.mark.integration
@@ -76,25 +76,6 @@ def data_dir() -> Iterator[Path]:
 def shared_server() -> Iterator[ServerProcess]:
     with running(ALEX_TOOL_OUTPUT_LIMIT_BYTES="20000000") as process:
         yield process
-
-
-@contextlib.asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, session_id: str,
-                      last_event_id: str | None = None) -> AsyncIterator[AsyncIterator[SseMessage]]:
-    headers = {"Accept": "text/event-stream"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    async with client.stream("GET", "/api/sse", params={"session_id": session_id}, headers=headers,
-                             timeout=httpx.Timeout(10.0, read=None)) as response:
-        assert response.status_code == 200
-        messages = parse_sse(response.aiter_lines())
-        try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                first = await anext(messages)
-            assert first.event == "connected"
-            yield messages
-        finally:
-            await messages.aclose()  # type: ignore[attr-defined]
 
 
 async def take_until(messages: AsyncIterator[SseMessage], event_type: str | frozenset[str]) -> list[dict[str, Any]]:
@@ -235,7 +216,7 @@ async def test_a_restart_keeps_sessions_tasks_and_events(data_dir: Path) -> None
             assert await all_events(client, "durable") == old_events
 
             # A new task continues the session; its events come after the old ones, on a resumed stream too.
-            async with open_stream(client, "durable", last_event_id=old_events[-1]["id"]) as stream:
+            async with open_stream(client, "durable", headers={"Last-Event-ID": old_events[-1]["id"]}) as stream:
                 new_id = await submit(client, "$ echo after-restart", "durable")
                 new_events = await take_until(stream, TERMINAL)
             assert {e["task_id"] for e in new_events} == {new_id}

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import SseMessage, parse_sse
+from service.client import SseMessage
 from tests.fakes.openai_server import FakeOpenAI, tool_call
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit, wait_finished
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit, wait_finished
 from tests.integration.server import ServerProcess, auth, data_folder
 
 pytestmark = pytest.mark.integration
@@ -39,20 +39,6 @@ def openai_server(fake: FakeOpenAI, **env: str) -> Iterator[ServerProcess]:
 def fake() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
         yield server
-
-
-@contextlib.asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, session_id: str) -> AsyncIterator[AsyncIterator[SseMessage]]:
-    async with client.stream("GET", "/api/sse", params={"session_id": session_id},
-                             timeout=httpx.Timeout(10.0, read=None)) as response:
-        assert response.status_code == 200
-        messages = parse_sse(response.aiter_lines())
-        try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                assert (await anext(messages)).event == "connected"
-            yield messages
-        finally:
-            await messages.aclose()  # type: ignore[attr-defined]
 
 
 async def until_terminal(messages: AsyncIterator[SseMessage], task_id: str) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import httpx
 import jwt
 import pytest
 
-from service.client import SseMessage, parse_sse
+from tests.integration.calls import open_stream
 from tests.integration.server import SECRET, ServerProcess, auth, data_folder, token
 
 pytestmark = pytest.mark.integration
@@ -154,21 +154,6 @@ def test_the_default_limit_resets_after_its_window(http: httpx.Client) -> None:
 def capped() -> Iterator[ServerProcess]:
     with running({"ALEX_MAX_STREAMS_PER_CLIENT": "2", "ALEX_MAX_TASKS_PER_CLIENT": "1"}) as process:
         yield process
-
-
-@contextlib.asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, session_id: str) -> AsyncIterator[AsyncIterator[SseMessage]]:
-    async with client.stream("GET", "/api/sse", params={"session_id": session_id},
-                             timeout=httpx.Timeout(10.0, read=None)) as response:
-        assert response.status_code == 200, await response.aread()
-        messages = parse_sse(response.aiter_lines())
-        try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                first = await anext(messages)
-            assert first.event == "connected"
-            yield messages
-        finally:
-            await messages.aclose()  # type: ignore[attr-defined]
 
 
 async def try_stream(client: httpx.AsyncClient, session_id: str) -> httpx.Response:

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.client import SseMessage, parse_sse
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, submit
+from service.client import SseMessage
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit
 from tests.integration.server import ServerProcess, auth, running, token
 
 pytestmark = pytest.mark.integration
@@ -36,24 +36,6 @@ def paced_server() -> Iterator[ServerProcess]:
     """The mock model at 20 ms a token, so that a task lasts about a second."""
     with running(ALEX_MOCK_DELAY_MS="20") as process:
         yield process
-
-
-@contextlib.asynccontextmanager
-async def open_stream(client: httpx.AsyncClient, session_id: str, *, headers: dict[str, str] | None = None,
-                      params: dict[str, str] | None = None) -> AsyncIterator[AsyncIterator[SseMessage]]:
-    """The session's stream, checked to open with ``connected``; yields the messages after it."""
-    async with client.stream("GET", "/api/sse", params={"session_id": session_id, **(params or {})},
-                             headers={"Accept": "text/event-stream", **(headers or {})},
-                             timeout=httpx.Timeout(10.0, read=None)) as response:
-        assert response.status_code == 200, await response.aread()
-        messages = parse_sse(response.aiter_lines())
-        try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                first = await anext(messages)
-            assert (first.event, first.id, first.json()) == ("connected", None, {"session_id": session_id})
-            yield messages
-        finally:
-            await messages.aclose()  # type: ignore[attr-defined]
 
 
 async def take(messages: AsyncIterator[SseMessage], count: int | None = None,

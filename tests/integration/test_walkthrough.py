@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +47,17 @@ class Frame:
 
 
 class RawStream:
-    """An SSE body read line by line: frames as they come, and the comment lines (heartbeats) seen meanwhile."""
+    """An SSE body read line by line: frames as they come, and the comment lines (heartbeats) seen meanwhile.
+
+    Its own parser rather than ``service.client.parse_sse``: this test judges the wire format itself, heartbeats
+    interleaved with frames included, so it does not lean on the client code it would be checking."""
 
     def __init__(self, lines: AsyncIterator[str]) -> None:
         self.comments: list[str] = []
         self._items = self._parse(lines)
 
     @staticmethod
-    async def _parse(lines: AsyncIterator[str]) -> AsyncIterator[Frame | str]:
+    async def _parse(lines: AsyncIterator[str]) -> AsyncGenerator[Frame | str, None]:
         event, frame_id = "", None
         data: list[str] = []
         async for line in lines:
@@ -75,7 +78,7 @@ class RawStream:
                     frame_id = value
 
     async def aclose(self) -> None:
-        await self._items.aclose()  # type: ignore[attr-defined]
+        await self._items.aclose()
 
     async def next_frame(self) -> Frame:
         async for item in self._items:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -483,15 +483,10 @@ def thinking(number: int, session_id: str = SESSION) -> Thinking:
     return Thinking(session_id=session_id, task_id="t_feed", delta=str(number))
 
 
-def batches_of(feed: SessionFeed) -> AsyncGenerator[list[StoredEvent], None]:
-    """``feed.batches()`` as the generator it is (its annotation says iterator), so that it can be closed."""
-    return cast(AsyncGenerator[list[StoredEvent], None], feed.batches())
-
-
 async def collect(feed: SessionFeed, until_id: int) -> list[int]:
     """The ids the feed delivers, in order, until ``until_id`` (or the feed ends)."""
     seen: list[int] = []
-    async with asyncio.timeout(GUARD_SECONDS), contextlib.aclosing(batches_of(feed)) as batches:
+    async with asyncio.timeout(GUARD_SECONDS), contextlib.aclosing(feed.batches()) as batches:
         async for batch in batches:
             seen.extend(event.id for event in batch)
             if seen[-1] >= until_id:
@@ -531,7 +526,7 @@ async def test_an_event_both_replayed_and_live_is_delivered_once() -> None:
     for number in range(2, 5):
         await log.append(thinking(number))  # now both in the log and pending live
 
-    async with contextlib.aclosing(batches_of(feed)) as batches:
+    async with contextlib.aclosing(feed.batches()) as batches:
         replayed = await anext(batches)
         await log.append(thinking(5))
         live = await anext(batches)
@@ -565,7 +560,7 @@ async def test_a_long_replay_is_read_in_pages() -> None:
 
     feed = SessionFeed(log, SESSION, 0, buffer_size=10)
     sizes: list[int] = []
-    async with contextlib.aclosing(batches_of(feed)) as batches:
+    async with contextlib.aclosing(feed.batches()) as batches:
         async for batch in batches:
             sizes.append(len(batch))
             if batch[-1].id == total:
