@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 .PHONY: install system-deps run test unit integration lint typecheck clean
 
 # Debian packages the tests use: bubblewrap (the bash sandbox), curl (the README walk-through), util-linux
-# (prlimit, setpriv). Installed when missing and we may (root with apt-get); otherwise the tests that need them
-# say what is missing and skip.
-SYSTEM_PACKAGES := bubblewrap curl util-linux
-SYSTEM_COMMANDS := bwrap curl prlimit setpriv
+# (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules). Installed
+# when missing and we may (root with apt-get); otherwise the tests that need them say what is missing and skip.
+SYSTEM_PACKAGES := bubblewrap curl util-linux prometheus
+SYSTEM_COMMANDS := bwrap curl prlimit setpriv prometheus promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

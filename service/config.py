@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     rate_limit_tasks: str = "10/minute"
     rate_limit_default: str = "120/minute"
     max_streams_per_client: int = Field(default=20, ge=1)
+    max_streams: int = Field(default=10_000, ge=1)
+    """Event streams this process holds at once, all clients together; more get 503 (go to another replica)."""
     max_tasks_per_client: int = Field(default=4, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:3000", "http://localhost:3001"]
@@ -101,10 +103,46 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=600)
     """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
 
+    # Metrics and traces (docs/operations.md). The OTEL_* names are OpenTelemetry's own.
+    metrics_enabled: bool = True
+    """Serve ``GET /metrics`` (Prometheus text format, no token: keep it inside the cluster)."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    """Base URL of an OTLP/HTTP receiver (``/v1/traces`` is added); unset: no span leaves the process."""
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    """The full traces URL; wins over ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
+    otel_service_name: str = Field(default="alex-server", min_length=1,
+                                   validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
+    otel_traces_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces (no sampled parent) that are recorded; a caller's ``traceparent`` decision wins."""
+    trace_content: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("ALEX_TRACE_CONTENT", "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"),
+    )
+    """Put the messages, the answer and the tool arguments on spans (they may hold personal data)."""
+
     # Logs
     log_format: Literal["console", "json"] | None = None
     """None means: ``console`` on a terminal, else ``json``."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"^https?://[^/\s]+", value.strip()):
+            raise ValueError("expected an http:// or https:// URL of an OTLP/HTTP receiver")
+        return value.strip()
+
+    @property
+    def otlp_traces_url(self) -> str | None:
+        if self.otel_exporter_otlp_traces_endpoint:
+            return self.otel_exporter_otlp_traces_endpoint
+        if self.otel_exporter_otlp_endpoint:
+            return self.otel_exporter_otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @field_validator("cors_origins", "disabled_tools", mode="before")
     @classmethod
@@ -199,7 +237,13 @@ class Settings(BaseSettings):
 
 
 _SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret", "OPENAI_API_KEY"})
-_ENV_NAMES = {"openai_api_key": "OPENAI_API_KEY", "port": "PORT"}
+_ENV_NAMES = {
+    "openai_api_key": "OPENAI_API_KEY",
+    "port": "PORT",
+    "otel_exporter_otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "otel_exporter_otlp_traces_endpoint": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "otel_service_name": "OTEL_SERVICE_NAME",
+}
 
 
 def env_name(field_name: str) -> str:

@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import structlog
+from opentelemetry.sdk.trace import TracerProvider
 
+from service import __version__
 from service.adapters.auth.jwks import JwksKeys
 from service.adapters.broker.memory import MemoryBroker
 from service.adapters.llm import build_chat_model
@@ -29,6 +34,9 @@ from service.config import Settings
 from service.domain.engine import DEFAULT_SYSTEM_PROMPT, EngineConfig, ReactEngine
 from service.domain.llm import ChatModel
 from service.domain.tools import Tool, ToolRegistry
+from service.observability.agent import AgentTelemetry
+from service.observability.metrics import Metrics, watch_event_loop
+from service.observability.tracing import TRACER_NAME, build_tracer_provider
 from service.tokens import KeySource, PublicKey, SigningKey, TokenVerifier, signing_key
 
 log = structlog.get_logger("service.container")
@@ -48,6 +56,7 @@ class Container:
     sessions: SessionService
     verifier: TokenVerifier | None
     signing_key: SigningKey | None
+    metrics: Metrics
     sandbox: Sandbox | None = None
     closers: list[Any] = field(default_factory=list)
     ready: bool = False
@@ -83,8 +92,15 @@ async def build_container(
     tools: list[Tool] | None = None,
     store: SessionStore | None = None,
     events: EventLog | None = None,
+    metrics: Metrics | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Container:
     closers: list[Any] = []
+    metrics = metrics if metrics is not None else Metrics()
+    if tracer_provider is None:
+        tracer_provider = build_tracer_provider(settings)
+    # Last to close: the spans of the tasks the drain interrupts are still to be sent.
+    closers.append(functools.partial(asyncio.to_thread, tracer_provider.shutdown))
     # Traversable but not listable: the bash sandbox's user reaches its own workspace by path, nothing else.
     for folder in (settings.data_dir, settings.workspaces_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,6 +120,9 @@ async def build_container(
             closers.append(aclose)
     sandbox = sandbox_from_settings(settings)
     registry = ToolRegistry(tools if tools is not None else build_tools(settings, sandbox))
+    telemetry = AgentTelemetry(tracer_provider.get_tracer(TRACER_NAME, __version__), metrics,
+                               provider=settings.provider, model=chat_model.model, tools=registry.names,
+                               capture_content=settings.trace_content)
     engine = ReactEngine(
         chat_model,
         registry,
@@ -115,6 +134,7 @@ async def build_container(
             # The tools cap their own output and say so; the engine's cap is a backstop with room for that note.
             tool_result_limit=settings.tool_output_limit_bytes + TOOL_NOTE_ROOM,
         ),
+        telemetry=telemetry,
     )
     workspaces = Workspaces(settings.workspaces_dir)
     runner = TaskRunner(
@@ -124,6 +144,7 @@ async def build_container(
         workspaces,
         max_task_chars=settings.max_task_chars,
         max_tasks_per_client=settings.max_tasks_per_client,
+        metrics=metrics,
     )
     sessions = SessionService(
         store,
@@ -132,6 +153,7 @@ async def build_container(
         workspaces,
         stream_buffer_size=settings.sse_buffer_size,
         max_streams_per_client=settings.max_streams_per_client,
+        max_streams=settings.max_streams,
     )
     key: SigningKey | None = None
     verifier: TokenVerifier | None = None
@@ -150,4 +172,15 @@ async def build_container(
             source = key.secret
         verifier = TokenVerifier(source, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                                  leeway=settings.jwt_leeway_seconds)
-    return Container(settings, store, events, chat_model, runner, sessions, verifier, key, sandbox, closers)
+    metrics.describe_build(__version__, settings.provider, chat_model.model)
+    metrics.sse_connections_limit.set(settings.max_streams)
+    watcher = asyncio.create_task(watch_event_loop(metrics.event_loop_lag), name="event loop lag")
+    closers.append(functools.partial(_stop, watcher))
+    return Container(settings, store, events, chat_model, runner, sessions, verifier, key, metrics, sandbox,
+                     closers)
+
+
+async def _stop(job: asyncio.Task[None]) -> None:
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job

@@ -10,28 +10,36 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
-from service.api.access_log import AccessLog
 from service.api.headers import SecurityHeaders
 from service.api.limits import BodySizeLimit
 from service.api.problems import install_problem_handlers, install_problem_schema
 from service.api.ratelimit import RateLimitHeaders, RateLimits
 from service.api.routes import health, sessions, stream, tasks
+from service.api.routes import metrics as metrics_route
+from service.api.telemetry import RequestTelemetry
 from service.config import Settings
 from service.container import Container, build_container
+from service.observability.metrics import Metrics
+from service.observability.tracing import TRACER_NAME, build_tracer_provider
 
 log = structlog.get_logger("service.main")
 
 
-def create_app(settings: Settings, **overrides: Any) -> FastAPI:
-    """The application; ``overrides`` go to :func:`build_container` (tests pass fakes there)."""
+def create_app(settings: Settings, *, metrics: Metrics | None = None,
+               tracer_provider: TracerProvider | None = None, **overrides: Any) -> FastAPI:
+    """The application; ``overrides`` go to :func:`build_container` (tests pass fakes there, and may pass the
+    metrics and the tracer provider to read what the application records)."""
+    app_metrics = metrics if metrics is not None else Metrics()
+    provider = tracer_provider if tracer_provider is not None else build_tracer_provider(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        container = await build_container(settings, **overrides)
+        container = await build_container(settings, metrics=app_metrics, tracer_provider=provider, **overrides)
         app.state.container = container
         try:
             await container.runner.recover()
@@ -54,7 +62,10 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     )
     app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
-    for router in (health.router, tasks.router, sessions.router, stream.router):
+    routers = [health.router, tasks.router, sessions.router, stream.router]
+    if settings.metrics_enabled:
+        routers.append(metrics_route.router)
+    for router in routers:
         app.include_router(router)
     install_problem_schema(app)
     app.add_middleware(
@@ -69,8 +80,18 @@ def create_app(settings: Settings, **overrides: Any) -> FastAPI:
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AccessLog)
+    app.add_middleware(RequestTelemetry, metrics=app_metrics, tracer=provider.get_tracer(TRACER_NAME, __version__))
+    app_metrics.prepare_routes(_route_templates(routers))
     return app
+
+
+def _route_templates(routers: list[APIRouter]) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for route in (route for router in routers for route in router.routes):
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        if isinstance(path, str) and methods:
+            found.extend((method, path) for method in sorted(methods) if method != "HEAD")
+    return found
 
 
 def _announce(settings: Settings, container: Container) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -14,7 +15,7 @@ from service.app.access import SCOPES, Principal
 from service.app.runner import TaskRunner
 from service.app.sessions import SessionService
 from service.container import Container
-from service.tokens import InvalidToken, KeyNotCached, KeysUnavailable
+from service.tokens import InvalidToken, KeyNotCached, KeysUnavailable, TokenVerifier
 
 COOKIE_NAME = "alex_token"
 QUERY_TOKEN = "access_token"  # noqa: S105 -- the parameter's name, not a secret
@@ -96,39 +97,81 @@ async def authenticate(
     if container.verifier is None:
         return _ANONYMOUS
     cached: Principal | None = getattr(request.state, "principal", None)
-    if cached is not None:
-        return cached
-    token = bearer_token(request)
+    if cached is None:
+        try:
+            cached = await _verify(request, container.verifier)
+        except AuthFailure as exc:
+            container.metrics.auth_failures.labels(exc.reason).inc()
+            raise
+        request.state.principal = cached
+    structlog.contextvars.bind_contextvars(subject=cached.subject)
+    return cached
+
+
+class AuthFailure(ApiError):
+    """A request refused by authentication; ``reason`` is its bounded metric label."""
+
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str]) -> None:
+        super().__init__(status, detail, headers=headers)
+        self.reason = reason
+
+
+_INVALID_TOKEN_REASONS = {
+    "malformed token": "malformed_token",
+    "algorithm not allowed": "algorithm_not_allowed",
+    "token expired": "expired",
+    "token not yet valid": "not_yet_valid",
+    "wrong issuer": "wrong_issuer",
+    "wrong audience": "wrong_audience",
+    "bad signature": "bad_signature",
+    "unknown signing key": "unknown_key",
+}
+
+
+def failure_reason(exc: InvalidToken) -> str:
+    """The bounded metric label of a refused token."""
+    if exc.reason.startswith("missing claim"):
+        return "missing_claim"
+    return _INVALID_TOKEN_REASONS.get(exc.reason, "invalid")
+
+
+async def _verify(request: Request, verifier: TokenVerifier) -> Principal:
+    try:
+        token = bearer_token(request)
+    except ApiError as exc:
+        raise AuthFailure(exc.status, "malformed_header", exc.detail, exc.headers) from None
     if token is None:
-        raise ApiError(401, "a bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="alex-server"'})
+        raise AuthFailure(401, "missing_token", "a bearer token is required",
+                       {"WWW-Authenticate": 'Bearer realm="alex-server"'})
     try:
         try:
-            principal = container.verifier.verify(token)
+            return verifier.verify(token)
         except KeyNotCached:
-            await container.verifier.refresh_keys(token)
-            principal = container.verifier.verify(token)
+            await verifier.refresh_keys(token)
+            return verifier.verify(token)
     except KeyNotCached:
-        raise ApiError(401, "invalid token: unknown signing key",
-                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
+        raise AuthFailure(401, "unknown_key", "invalid token: unknown signing key",
+                       {"WWW-Authenticate": 'Bearer error="invalid_token"'}) from None
     except KeysUnavailable:
-        raise ApiError(503, "tokens cannot be verified right now (the key set is unavailable); retry shortly",
-                       headers={"Retry-After": "5"}) from None
+        raise AuthFailure(503, "keys_unavailable",
+                       "tokens cannot be verified right now (the key set is unavailable); retry shortly",
+                       {"Retry-After": "5"}) from None
     except InvalidToken as exc:
-        raise ApiError(
+        raise AuthFailure(
             401,
+            failure_reason(exc),
             f"invalid token: {exc.reason}",
-            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'},
+            {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'},
         ) from None
-    request.state.principal = principal
-    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
-    async def check(principal: PrincipalDep) -> Principal:
+def require(scope: str) -> Callable[[Principal, Container], Awaitable[Principal]]:
+    async def check(principal: PrincipalDep, container: ContainerDep) -> Principal:
         if not principal.has(scope):
+            container.metrics.auth_failures.labels("insufficient_scope").inc()
             raise ApiError(
                 403,
                 f"the token lacks the scope {scope}",

@@ -27,6 +27,7 @@ from starlette.types import Scope
 
 from service.api.headers import ResponseHeaders
 from service.api.problems import ApiError
+from service.api.telemetry import route_template
 from service.config import Settings
 
 log = structlog.get_logger("service.api.ratelimit")
@@ -113,6 +114,7 @@ def limit(kind: str, identify: Callable[[Request], str | None]) -> Callable[[Req
         request.state.rate_limit_headers = headers
         if not verdict.allowed:
             request.state.rate_limited = kind
+            request.app.state.container.metrics.rate_limit_rejections.labels(route_template(request.scope)).inc()
             raise ApiError(429, f"rate limit of {item} exceeded; retry after {headers['Retry-After']} s",
                            headers=headers, title="Too Many Requests")
 

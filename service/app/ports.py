@@ -29,6 +29,10 @@ class Subscription(Protocol):
     @property
     def dropped(self) -> int: ...
 
+    @property
+    def pending(self) -> int:
+        """Events received and not yet taken by ``next_batch``."""
+
     async def next_batch(self) -> list[StoredEvent]: ...
 
     def close(self, reason: str = "closed") -> None: ...

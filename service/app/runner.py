@@ -8,11 +8,12 @@ A task belongs to its session's owner. One task runs per session at a time; a su
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
+from opentelemetry import context as otel_context
 
 from service.app.access import Principal, claim_session
 from service.app.ports import EventLog, SessionStore
@@ -23,6 +24,8 @@ from service.domain.errors import Conflict, Invalid, LimitExceeded, NotFound, Un
 from service.domain.events import ErrorEvent, Event, TaskCancelled, utc_now
 from service.domain.llm import Message
 from service.domain.models import Task, TaskStatus, Todo, new_session_id, new_task_id
+from service.observability.metrics import Metrics
+from service.observability.tracing import task_trace
 
 log = structlog.get_logger("service.runner")
 
@@ -47,6 +50,10 @@ class SessionTodoList:
 @dataclass(slots=True)
 class _Handle:
     task: Task
+    trace_context: otel_context.Context
+    """The trace the task's spans join (its submitting request's)."""
+    accepted: float = field(default_factory=time.monotonic)
+    running_since: float | None = None
     job: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     interrupted: bool = False
@@ -66,7 +73,7 @@ class TaskRunner:
         *,
         max_task_chars: int,
         max_tasks_per_client: int,
-        new_trace_id: Callable[[], str] = lambda: secrets.token_hex(16),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._events = events
@@ -74,7 +81,7 @@ class TaskRunner:
         self._workspaces = workspaces
         self._max_task_chars = max_task_chars
         self._max_tasks_per_client = max_tasks_per_client
-        self._new_trace_id = new_trace_id
+        self._metrics = metrics if metrics is not None else Metrics(process=False)
         self._handles: dict[str, _Handle] = {}
         self._by_session: dict[str, str] = {}
         self._draining = False
@@ -118,18 +125,20 @@ class TaskRunner:
             raise Conflict(f"session {session.id!r} is running task {self._by_session[session.id]}; "
                            "wait for it or cancel it")
         self._check_task_cap(principal)
-        task = Task(id=new_task_id(), session_id=session.id, owner=principal.subject, text=text,
-                    trace_id=self._new_trace_id())
-        handle = _Handle(task)
+        trace_id, trace_context = task_trace()
+        task = Task(id=new_task_id(), session_id=session.id, owner=principal.subject, text=text, trace_id=trace_id)
+        handle = _Handle(task, trace_context)
         # Reserved before the first await below so that a concurrent submit on this session sees it.
         self._handles[task.id] = handle
         self._by_session[session.id] = task.id
+        self._metrics.tasks_in_progress.set(len(self._handles))
         try:
             await self._store.create_task(task)
         except BaseException:
             self._release(handle)
             raise
         handle.job = asyncio.create_task(self._execute(handle), name=f"task {task.id}")
+        self._metrics.tasks_submitted.inc()
         log.info("task_submitted", task_id=task.id, session_id=session.id, subject=principal.subject)
         return task
 
@@ -200,10 +209,12 @@ class TaskRunner:
         self._handles.pop(handle.task.id, None)
         if self._by_session.get(handle.task.session_id) == handle.task.id:
             del self._by_session[handle.task.session_id]
+        self._metrics.tasks_in_progress.set(len(self._handles))
 
     async def _execute(self, handle: _Handle) -> None:
         task = handle.task
         bound = structlog.contextvars.bind_contextvars(task_id=task.id, session_id=task.session_id)
+        attached = otel_context.attach(handle.trace_context)
         conversation: list[Message] = []
         loaded = False
         sink = HoldingSink(LogSink(self._events))
@@ -211,6 +222,8 @@ class TaskRunner:
             handle.started = True
             if handle.cancel_reason is not None:
                 raise asyncio.CancelledError
+            handle.running_since = time.monotonic()
+            self._metrics.task_queue_wait.observe(handle.running_since - handle.accepted)
             task.status, task.started_at = TaskStatus.RUNNING, utc_now()
             await self._store.update_task(task)
             session = await self._store.get_session(task.session_id)
@@ -239,6 +252,7 @@ class TaskRunner:
             try:
                 await self._settle(handle, conversation if loaded else None, sink.held)
             finally:
+                otel_context.detach(attached)
                 structlog.contextvars.reset_contextvars(**bound)
 
     async def _settle(self, handle: _Handle, conversation: list[Message] | None, last: Event | None) -> None:
@@ -260,8 +274,17 @@ class TaskRunner:
                     await self._events.append(last)
                 except Exception:
                     log.exception("terminal_event_lost", task_id=task.id)
+            seconds = 0.0 if handle.running_since is None else time.monotonic() - handle.running_since
+            self._observe_finished(task, seconds)
             log.info("task_finished", task_id=task.id, status=task.status.value, iterations=task.iterations,
-                     total_tokens=task.usage.get("total_tokens", 0), error=task.error)
+                     total_tokens=task.usage.get("total_tokens", 0), seconds=round(seconds, 3), error=task.error)
+
+    def _observe_finished(self, task: Task, seconds: float) -> None:
+        outcome = task.status.value
+        metrics = self._metrics
+        metrics.tasks_finished.labels(outcome).inc()
+        metrics.task_duration.labels(outcome).observe(seconds)
+        metrics.task_iterations.observe(task.iterations)
 
     @staticmethod
     def _record(task: Task, result: TaskResult) -> None:

@@ -7,35 +7,44 @@ from service.app.ports import EventLog, SessionStore
 from service.app.runner import TaskRunner
 from service.app.stream import SessionFeed
 from service.app.workspaces import Workspaces
-from service.domain.errors import LimitExceeded, NotFound
+from service.domain.errors import LimitExceeded, NotFound, Unavailable
 from service.domain.events import StoredEvent
 from service.domain.models import Session
 
 
-class StreamQuota:
-    """Open streams per subject, capped (``ALEX_MAX_STREAMS_PER_CLIENT``)."""
+class StreamsFull(Unavailable):
+    """This process holds as many streams as it may (``ALEX_MAX_STREAMS``): the client should try another replica."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
+
+class StreamQuota:
+    """Open streams per subject (``ALEX_MAX_STREAMS_PER_CLIENT``) and in all (``ALEX_MAX_STREAMS``), capped."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self._per_client = per_client
+        self.limit = total
         self._open: dict[str, int] = {}
+        self.total = 0
 
     def acquire(self, subject: str) -> None:
         count = self._open.get(subject, 0)
-        if count >= self._limit:
+        if count >= self._per_client:
             raise LimitExceeded(f"{count} streams are open for this client (ALEX_MAX_STREAMS_PER_CLIENT)",
                                 retry_after=5)
+        if self.total >= self.limit:
+            raise StreamsFull(f"this server holds its maximum of {self.limit} streams (ALEX_MAX_STREAMS); "
+                              "retry shortly or on another replica")
         self._open[subject] = count + 1
+        self.total += 1
 
     def release(self, subject: str) -> None:
-        count = self._open.get(subject, 0) - 1
-        if count > 0:
-            self._open[subject] = count
+        count = self._open.get(subject, 0)
+        if count <= 0:
+            return
+        self.total -= 1
+        if count > 1:
+            self._open[subject] = count - 1
         else:
-            self._open.pop(subject, None)
-
-    @property
-    def total(self) -> int:
-        return sum(self._open.values())
+            del self._open[subject]
 
 
 class SessionService:
@@ -48,13 +57,14 @@ class SessionService:
         *,
         stream_buffer_size: int,
         max_streams_per_client: int,
+        max_streams: int = 10_000,
     ) -> None:
         self._store = store
         self._events = events
         self._runner = runner
         self._workspaces = workspaces
         self._buffer_size = stream_buffer_size
-        self.streams = StreamQuota(max_streams_per_client)
+        self.streams = StreamQuota(max_streams_per_client, max_streams)
 
     async def ids(self, principal: Principal) -> list[str]:
         return await self._store.list_sessions(None if principal.is_admin else principal.subject)

@@ -59,6 +59,8 @@ class SessionFeed:
         self.replayed = 0
         self.delivered = 0
         self.released = False
+        self.live = False
+        """True once the stored events are replayed and the feed follows live ones."""
 
     @property
     def close_reason(self) -> str | None:
@@ -67,6 +69,11 @@ class SessionFeed:
     @property
     def dropped(self) -> int:
         return self._subscription.dropped
+
+    @property
+    def pending(self) -> int:
+        """Live events received but not yet taken by the reader."""
+        return self._subscription.pending
 
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)
@@ -81,6 +88,7 @@ class SessionFeed:
                     yield page
                 if len(page) < REPLAY_PAGE:
                     break
+            self.live = True
             while True:
                 batch = await self._subscription.next_batch()
                 if not batch:

@@ -29,7 +29,8 @@ from service.domain.events import (
     ToolCallStream,
 )
 from service.domain.history import trim_history
-from service.domain.llm import ChatModel, LLMError, Message, ToolCall, Usage
+from service.domain.llm import ChatModel, LLMError, Message, ToolCall, ToolSpec, Usage
+from service.domain.telemetry import NO_TELEMETRY, Telemetry
 from service.domain.tools import TodoList, ToolContext, ToolError, ToolRegistry, parse_arguments
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -107,11 +108,13 @@ class ReactEngine:
         tools: ToolRegistry,
         config: EngineConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._llm = llm
         self._tools = tools
         self._config = config or EngineConfig()
         self._clock = clock
+        self._telemetry = telemetry
 
     async def run(
         self,
@@ -156,6 +159,7 @@ class _Run:
         self.iteration: int | None = None
         self.progress = progress if progress is not None else Progress()
         self.started = engine._clock()
+        self.telemetry = engine._telemetry
 
     @property
     def usage(self) -> Usage:
@@ -176,11 +180,15 @@ class _Run:
         return int((self.engine._clock() - self.started) * 1000)
 
     async def execute(self) -> TaskResult:
-        try:
-            return await self._iterate()
-        except asyncio.CancelledError:
-            self._answer_open_calls("Error: the task was cancelled")
-            raise
+        request = self.request
+        with self.telemetry.task(request.session_id, request.task_id, request.text) as scope:
+            try:
+                result = await self._iterate()
+            except asyncio.CancelledError:
+                self._answer_open_calls("Error: the task was cancelled")
+                raise
+            scope.finish(result.outcome.value, result.iterations, result.error_kind)
+            return result
 
     def _answer_open_calls(self, content: str) -> None:
         """Give every tool call of the last assistant turn a result: the model APIs refuse a conversation without."""
@@ -205,35 +213,45 @@ class _Run:
         specs = self.engine._tools.specs()
         for number in range(1, self.config.max_iterations + 1):
             self.iteration = self.progress.iterations = number
-            await self._emit(IterationStart)
-            window = trim_history(self.conversation, self.config.context_tokens)
-            try:
-                response = await self.engine._llm.chat(window, specs, self._on_text)
-            except LLMError as exc:
-                return await self._fail(f"the model failed: {exc}", f"llm_{exc.kind}")
-            self.progress.usage = self.progress.usage + response.usage
-            self.conversation.append(Message("assistant", response.content, response.tool_calls))
-            await self._emit(
-                ThinkComplete,
-                content=response.content,
-                tool_calls=[{"call_id": c.id, "tool_name": c.name} for c in response.tool_calls],
-            )
-            if not response.tool_calls:
-                await self._emit(IterationComplete, tokens_used=response.usage.total_tokens)
-                duration = self._elapsed_ms()
-                await self._emit(
-                    TaskComplete,
-                    final_answer=response.content,
-                    total_iterations=number,
-                    total_tokens=self.usage.total_tokens,
-                    duration=duration,
-                )
-                return TaskResult(Outcome.COMPLETED, response.content, number, self.usage, duration_ms=duration)
-            await self._call_tools(response.tool_calls)
-            await self._emit(IterationComplete, tokens_used=response.usage.total_tokens)
+            with self.telemetry.iteration(number):
+                result = await self._step(number, specs)
+            if result is not None:
+                return result
 
         limit = self.config.max_iterations
         return await self._fail(f"no final answer after {limit} iterations (ALEX_MAX_ITERATIONS)", "max_iterations")
+
+    async def _step(self, number: int, specs: list[ToolSpec]) -> TaskResult | None:
+        """One iteration: the model's turn, then its tool calls. Returns the result when the task ended here."""
+        await self._emit(IterationStart)
+        window = trim_history(self.conversation, self.config.context_tokens)
+        try:
+            with self.telemetry.chat(window) as call:
+                response = await self.engine._llm.chat(window, specs, self._on_text)
+                call.finish(response)
+        except LLMError as exc:
+            return await self._fail(f"the model failed: {exc}", f"llm_{exc.kind}")
+        self.progress.usage = self.progress.usage + response.usage
+        self.conversation.append(Message("assistant", response.content, response.tool_calls))
+        await self._emit(
+            ThinkComplete,
+            content=response.content,
+            tool_calls=[{"call_id": c.id, "tool_name": c.name} for c in response.tool_calls],
+        )
+        if not response.tool_calls:
+            await self._emit(IterationComplete, tokens_used=response.usage.total_tokens)
+            duration = self._elapsed_ms()
+            await self._emit(
+                TaskComplete,
+                final_answer=response.content,
+                total_iterations=number,
+                total_tokens=self.usage.total_tokens,
+                duration=duration,
+            )
+            return TaskResult(Outcome.COMPLETED, response.content, number, self.usage, duration_ms=duration)
+        await self._call_tools(response.tool_calls)
+        await self._emit(IterationComplete, tokens_used=response.usage.total_tokens)
+        return None
 
     async def _fail(self, error: str, kind: str) -> TaskResult:
         await self._emit(ErrorEvent, error=error, recoverable=False)
@@ -273,15 +291,17 @@ class _Run:
         context = ToolContext(self.request.session_id, self.workspace, self.todos, stream)
         started = self.engine._clock()
         result, error = "", parse_error
-        if error is None:
-            try:
-                result = await self.engine._tools.run(call.name, arguments, context)
-            except ToolError as exc:
-                error = str(exc)
-            except Exception as exc:  # a tool's bug must not end the task: the model hears of it and goes on
-                error = f"the tool failed unexpectedly: {type(exc).__name__}: {exc}"
-        limit = self.config.tool_result_limit
-        result, error = _cap(result, limit), (None if error is None else _cap(error, limit))
+        with self.telemetry.tool(call, shown) as scope:
+            if error is None:
+                try:
+                    result = await self.engine._tools.run(call.name, arguments, context)
+                except ToolError as exc:
+                    error = str(exc)
+                except Exception as exc:  # a tool's bug must not end the task: the model hears of it and goes on
+                    error = f"the tool failed unexpectedly: {type(exc).__name__}: {exc}"
+            limit = self.config.tool_result_limit
+            result, error = _cap(result, limit), (None if error is None else _cap(error, limit))
+            scope.finish(result, error)
         duration = int((self.engine._clock() - started) * 1000)
         await self._emit(
             ToolCallComplete, tool_name=call.name, call_id=call.id, result=result, error=error, duration=duration

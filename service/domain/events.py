@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -181,17 +182,20 @@ class StoredEvent:
     event_type: str
     data: str
     frame: bytes
+    appended_at: float = field(default=0.0, compare=False)
+    """When it was appended (``time.time()``), for the delivery latency; 0 when read back from storage."""
 
     @classmethod
     def encode(cls, event_id: int, event: Event) -> StoredEvent:
         return cls.from_json(event_id, event.session_id, event.task_id, event.event_type,
-                             encode_json(event.to_dict(str(event_id))))
+                             encode_json(event.to_dict(str(event_id))), appended_at=time.time())
 
     @classmethod
-    def from_json(cls, event_id: int, session_id: str, task_id: str, event_type: str, data: str) -> StoredEvent:
+    def from_json(cls, event_id: int, session_id: str, task_id: str, event_type: str, data: str, *,
+                  appended_at: float = 0.0) -> StoredEvent:
         # JSON never holds a raw newline (it is escaped), so one data line carries the whole object.
         frame = f"id: {event_id}\nevent: {event_type}\ndata: {data}\n\n".encode()
-        return cls(event_id, session_id, task_id, event_type, data, frame)
+        return cls(event_id, session_id, task_id, event_type, data, frame, appended_at)
 
     def to_dict(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.data)

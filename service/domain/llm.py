@@ -93,6 +93,8 @@ class ChatResponse:
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     model: str = ""
+    first_chunk_seconds: float | None = field(default=None, compare=False)
+    """From the request to the first streamed chunk, when the adapter streams (a timing: not compared)."""
 
 
 TextSink = Callable[[str], Awaitable[None]]

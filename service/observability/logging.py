@@ -1,5 +1,6 @@
 """structlog, configured once at start: JSON in production, readable on a terminal; stdlib logs (uvicorn's too)
-go through the same pipeline. Context (request, subject, session, task ids) travels in contextvars.
+go through the same pipeline. Context (request, subject, session, task ids) travels in contextvars; the trace and
+span ids are those of the OpenTelemetry span current where the line is written (also a contextvar).
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ import sys
 from typing import Any
 
 import structlog
+from opentelemetry import trace
+
+from service.observability.tracing import format_span_id, format_trace_id
 
 _REDACTED_KEYS = frozenset({"authorization", "access_token", "token", "api_key", "openai_api_key", "jwt_secret",
                             "cookie", "password", "secret"})
@@ -21,10 +25,19 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+def add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict.setdefault("trace_id", format_trace_id(span_context.trace_id))
+        event_dict.setdefault("span_id", format_span_id(span_context.span_id))
+    return event_dict
+
+
 def configure_logging(log_format: str, level: str) -> None:
     """Route structlog and the standard library's logging to stderr in one format. Call once per process."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

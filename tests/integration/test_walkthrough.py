@@ -451,7 +451,7 @@ def test_make_run_then_the_readme_curl_commands_work_as_written() -> None:
 
 def walk_the_readme(server: ServerProcess) -> None:
     sections = readme_sections()
-    assert {"0", "1", "2", "3", "4", "5"} <= set(sections), f"README sections changed: {sorted(sections)}"
+    assert {"0", "1", "2", "3", "4", "5", "6"} <= set(sections), f"README sections changed: {sorted(sections)}"
     shell = Shell(server)
     token_block = next(b for b in sections["0"] if b.startswith("bash:")).removeprefix("bash:")
     assert "alex-server token --sub alice" in token_block
@@ -477,6 +477,12 @@ def walk_the_readme(server: ServerProcess) -> None:
         promised_body = expected_comment(command)
         assert promised_body is not None, command
         assert json.loads(shell.run(command)) == promised_body
+
+    # 6. The metrics show the walk-through's task, finished.
+    (scrape,) = bash_block(sections["6"])
+    finished = dict(line.rsplit(" ", 1) for line in shell.run(scrape).splitlines())
+    assert float(finished['alex_tasks_finished_total{outcome="completed"}']) == 1.0
+    assert float(finished['alex_tasks_finished_total{outcome="failed"}']) == 0.0
 
 
 def read_lines_until(process: subprocess.Popen[str], stop: Callable[[str], bool]) -> list[str]:

@@ -61,7 +61,7 @@ def tool_turn(*calls: ToolCall, content: str = "", prompt_tokens: int = 0, compl
 def clear_settings_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove every variable ``Settings`` reads, so a test sees only what it sets (the CI env may hold some)."""
     for name in list(os.environ):
-        if name.upper().startswith("ALEX_") or name.upper() in {"OPENAI_API_KEY", "PORT"}:
+        if name.upper().startswith(("ALEX_", "OTEL_")) or name.upper() in {"OPENAI_API_KEY", "PORT"}:
             monkeypatch.delenv(name, raising=False)
 
 

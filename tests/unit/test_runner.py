@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from service.adapters.broker.memory import MemoryBroker
 from service.adapters.store.memory import MemoryEventLog, MemorySessionStore
@@ -104,11 +107,20 @@ def make_rig(
     workspaces = Workspaces(root / "workspaces")
     engine = ReactEngine(model, ToolRegistry(tools), EngineConfig(system_prompt="sys"))
     runner = TaskRunner(store, log, engine, workspaces, max_task_chars=max_task_chars,
-                        max_tasks_per_client=max_tasks_per_client, new_trace_id=lambda: TRACE)
+                        max_tasks_per_client=max_tasks_per_client)
     return Rig(runner, store, log, broker, model, workspaces)
 
 
 RigFactory = Callable[..., Rig]
+
+
+@pytest.fixture(autouse=True)
+def caller_trace() -> Iterator[None]:
+    """Tasks here are submitted as from a request whose ``traceparent`` names the trace ``TRACE``."""
+    parent = SpanContext(int(TRACE, 16), 0x00F067AA0BA902B7, is_remote=True, trace_flags=TraceFlags(1))
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    yield
+    otel_context.detach(token)
 
 
 @pytest.fixture

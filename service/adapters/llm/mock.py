@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,9 +193,10 @@ class MockChatModel:
         else:
             turn = ScriptedTurn(text="Done.")
         delay_ms = self._delay_ms if turn.delay_ms is None else turn.delay_ms
+        started = time.monotonic()
         # Even a turn without text hands the loop back once, so a cancelled task stops here like with a real model.
         await asyncio.sleep(0)
-        await _stream(turn.text, delay_ms, on_text)
+        first_chunk = await _stream(turn.text, delay_ms, on_text)
         if turn.error is not None:
             raise LLMError(turn.error.message, kind=turn.error.kind)
         calls = tuple(
@@ -209,6 +211,7 @@ class MockChatModel:
             usage=Usage(prompt_tokens=prompt // 4 + 1, completion_tokens=completion // 4 + 1),
             finish_reason="tool_calls" if calls else "stop",
             model=MOCK_MODEL,
+            first_chunk_seconds=(first_chunk if first_chunk is not None else time.monotonic()) - started,
         )
 
 
@@ -228,13 +231,18 @@ def turn_of(messages: Sequence[Message]) -> int:
     return turn
 
 
-async def _stream(text: str, delay_ms: float, on_text: TextSink) -> None:
+async def _stream(text: str, delay_ms: float, on_text: TextSink) -> float | None:
+    """Hand ``text`` to ``on_text`` a word at a time; returns when (``time.monotonic``) the first word went out."""
+    first: float | None = None
     for n, token in enumerate(tokens(text)):
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         elif n % _YIELD_EVERY == _YIELD_EVERY - 1:
             await asyncio.sleep(0)
+        if first is None:
+            first = time.monotonic()
         await on_text(token)
+    return first
 
 
 def _default_turn(messages: Sequence[Message], tools: Sequence[ToolSpec], turn_index: int) -> ScriptedTurn:

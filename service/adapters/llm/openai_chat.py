@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,7 @@ class OpenAIChatModel:
 
     async def chat(self, messages: Sequence[Message], tools: Sequence[ToolSpec], on_text: TextSink) -> ChatResponse:
         wire_messages = to_wire_messages(messages)
+        started = time.monotonic()
         try:
             stream = await self._client.chat.completions.create(
                 model=self._model,
@@ -140,6 +142,8 @@ class OpenAIChatModel:
                     raise LLMError(f"the model's stream held invalid JSON: {exc.msg}", kind="stream") from None
                 except openai.OpenAIError as exc:
                     raise self._error(exc, streaming=True) from None
+                if turn.first_chunk_seconds is None:
+                    turn.first_chunk_seconds = time.monotonic() - started
                 text = turn.add(chunk)
                 if text:
                     await on_text(text)
@@ -289,6 +293,7 @@ class _Turn:
     usage: Usage | None = None
     finish_reason: str | None = None
     model: str = ""
+    first_chunk_seconds: float | None = None
 
     def add(self, chunk: Any) -> str:
         """Take one chunk in; return its text delta ("" when it has none)."""
@@ -370,6 +375,7 @@ class _Turn:
             usage=self.usage or Usage(),
             finish_reason=self.finish_reason,
             model=self.model or self.default_model,
+            first_chunk_seconds=self.first_chunk_seconds,
         )
 
 

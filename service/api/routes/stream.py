@@ -8,22 +8,25 @@ behind loses its pending events and its stream; it gets them back by reconnectin
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
-from starlette.background import BackgroundTask
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
 from service.api.problems import ApiError, problem_responses
+from service.api.telemetry import request_started
 from service.app.access import Principal
-from service.app.sessions import SessionService
+from service.app.sessions import SessionService, StreamsFull
 from service.app.stream import SessionFeed
+from service.domain.errors import LimitExceeded
 from service.domain.events import connected_frame
+from service.observability.metrics import SSE_CLOSE_REASONS, Metrics
 
 router = APIRouter(tags=["stream"])
 log = structlog.get_logger("service.sse")
@@ -31,6 +34,8 @@ log = structlog.get_logger("service.sse")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
+STALLED = "stalled"
+CLIENT_GONE = "client_gone"
 
 
 class SessionStreamResponse(EventSourceResponse):
@@ -41,11 +46,84 @@ class SessionStreamResponse(EventSourceResponse):
     connection (uvicorn notes once that the response was left unfinished).
     """
 
+    def __init__(self, stream: _Stream, **kwargs: Any) -> None:
+        super().__init__(stream.frames(), **kwargs)
+        self._stream = stream
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        reason: str | None = None
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            log.info("sse_client_stalled", path=scope.get("path"))
+            reason = STALLED
+        finally:
+            self._stream.finish(reason)
+
+
+class _Stream:
+    """One client's stream: its frames, and the account of it (metrics and one log line) when it ends."""
+
+    def __init__(self, sessions: SessionService, principal: Principal, feed: SessionFeed, session_id: str,
+                 metrics: Metrics, arrived: float) -> None:
+        self._sessions = sessions
+        self._principal = principal
+        self._feed = feed
+        self._session_id = session_id
+        self._metrics = metrics
+        self._arrived = arrived
+        self._opened = time.monotonic()
+        self._in_flight = 0
+        self._finished = False
+        metrics.sse_connections_opened.inc()
+        metrics.sse_connections_active.inc()
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        feed, metrics = self._feed, self._metrics
+        sent, bytes_sent = metrics.sse_events_sent, metrics.sse_bytes_sent
+        try:
+            yield connected_frame(self._session_id)
+            metrics.sse_time_to_first_event.observe(time.monotonic() - self._arrived)
+            async for batch in feed.batches():
+                frame = b"".join(event.frame for event in batch) if len(batch) > 1 else batch[0].frame
+                self._in_flight = len(batch)
+                yield frame
+                self._in_flight = 0
+                # One latency sample per write, of its oldest event: the write's worst case, at one observation
+                # however many events the write carried (a per-event sample would cost more than the write).
+                first = batch[0]
+                if feed.live and first.appended_at:
+                    metrics.sse_delivery_latency.observe(max(0.0, time.time() - first.appended_at))
+                bytes_sent.inc(len(frame))
+                if len(batch) == 1:
+                    sent.labels(first.event_type).inc()
+                else:
+                    for event_type, count in Counter(event.event_type for event in batch).items():
+                        sent.labels(event_type).inc(count)
+        finally:
+            self.finish()
+
+    def finish(self, reason: str | None = None) -> None:
+        """Give the stream's place back and account for it; the first call counts, later ones do nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        feed, metrics = self._feed, self._metrics
+        reason = reason or feed.close_reason or CLIENT_GONE
+        if reason not in SSE_CLOSE_REASONS:
+            reason = CLIENT_GONE
+        lost = feed.pending + self._in_flight if reason == STALLED else 0
+        self._sessions.unfollow(self._principal, feed)
+        seconds = time.monotonic() - self._opened
+        metrics.sse_connections_active.dec()
+        metrics.sse_connections_closed.labels(reason).inc()
+        metrics.sse_connection_duration.observe(seconds)
+        if feed.dropped:
+            metrics.sse_events_dropped.labels("slow_client").inc(feed.dropped)
+        if lost:
+            metrics.sse_events_dropped.labels(STALLED).inc(lost)
+        log.info("sse_stream_closed", session_id=self._session_id, reason=reason, replayed=feed.replayed,
+                 delivered=feed.delivered, dropped=feed.dropped + lost, last_event_id=feed.last_id,
+                 seconds=round(seconds, 3))
 
 
 def _ping() -> ServerSentEvent:
@@ -65,27 +143,15 @@ def parse_last_event_id(header: str | None, query: str | None) -> int:
     return value
 
 
-async def _frames(sessions: SessionService, principal: Principal, feed: SessionFeed, session_id: str,
-                  ) -> AsyncIterator[bytes]:
-    opened = time.monotonic()
-    try:
-        yield connected_frame(session_id)
-        async for batch in feed.batches():
-            yield b"".join(event.frame for event in batch) if len(batch) > 1 else batch[0].frame
-    finally:
-        sessions.unfollow(principal, feed)
-        log.info("sse_stream_closed", session_id=session_id, reason=feed.close_reason or "client_gone",
-                 replayed=feed.replayed, delivered=feed.delivered, dropped=feed.dropped,
-                 last_event_id=feed.last_id, seconds=round(time.monotonic() - opened, 3))
-
-
 @router.get(
     "/api/sse",
     response_class=SessionStreamResponse,
+    status_code=200,
     dependencies=[DEFAULT_LIMIT],
-    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(400, 404)},
+    responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(400, 404, 503)},
 )
 async def stream_events(
+    request: Request,
     principal: SessionReader,
     sessions: SessionsDep,
     container: ContainerDep,
@@ -96,15 +162,23 @@ async def stream_events(
 ) -> SessionStreamResponse:
     """Follow a session's events. The session is created for the caller when the id is free."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
-    feed = await sessions.follow(principal, session_id, after)
+    structlog.contextvars.bind_contextvars(session_id=session_id)
+    metrics = container.metrics
+    try:
+        feed = await sessions.follow(principal, session_id, after)
+    except LimitExceeded:
+        metrics.sse_connections_rejected.labels("client_cap").inc()
+        raise
+    except StreamsFull:
+        metrics.sse_connections_rejected.labels("server_cap").inc()
+        raise
     log.info("sse_stream_opened", session_id=session_id, last_event_id=after)
     heartbeat = container.settings.sse_heartbeat_seconds
+    stream = _Stream(sessions, principal, feed, session_id, metrics, request_started(request.scope))
     return SessionStreamResponse(
-        _frames(sessions, principal, feed, session_id),
+        stream,
         headers=STREAM_HEADERS,
         ping=heartbeat,
         ping_message_factory=_ping,
         send_timeout=heartbeat * SEND_TIMEOUT_FACTOR,
-        # Also when the body was never iterated (the client left before the first write).
-        background=BackgroundTask(sessions.unfollow, principal, feed),
     )

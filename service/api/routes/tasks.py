@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -30,6 +31,7 @@ async def require_json(request: Request) -> None:
 async def submit_task(body: TaskCreate, principal: TaskWriter, runner: RunnerDep) -> JSONResponse:
     """Start a task in a session (new or existing); it runs in the background. Follow it on ``/api/sse``."""
     task = await runner.submit(principal, body.task, body.session_id)
+    structlog.contextvars.bind_contextvars(session_id=task.session_id, task_id=task.id)
     accepted = TaskAccepted(
         session_id=task.session_id,
         task_id=task.id,
