@@ -105,7 +105,11 @@ class Settings(BaseSettings):
 
     # Metrics and traces (docs/operations.md). The OTEL_* names are OpenTelemetry's own.
     metrics_enabled: bool = True
-    """Serve ``GET /metrics`` (Prometheus text format, no token: keep it inside the cluster)."""
+    """Serve the Prometheus metrics (text format, no token: keep them inside the cluster)."""
+    metrics_path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9._/-]*$")
+    """Where the metrics are served on the main port."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve the metrics on this port of ``ALEX_HOST`` instead of the main one (any path answers there)."""
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
     """Base URL of an OTLP/HTTP receiver (``/v1/traces`` is added); unset: no span leaves the process."""
@@ -126,6 +130,19 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] | None = None
     """None means: ``console`` on a terminal, else ``json``."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("metrics_path")
+    @classmethod
+    def _metrics_path(cls, value: str) -> str:
+        if value == "/" or value.startswith(("/api/", "/health", "/ready")) or value == "/api":
+            raise ValueError("must not be /, /health, /ready or under /api")
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("ALEX_METRICS_PORT: must differ from PORT (unset it to serve the metrics on PORT)")
+        return self
 
     @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import structlog
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import start_http_server
 
 from service import __version__
 from service.adapters.auth.jwks import JwksKeys
@@ -174,10 +175,19 @@ async def build_container(
                                  leeway=settings.jwt_leeway_seconds)
     metrics.describe_build(__version__, settings.provider, chat_model.model)
     metrics.sse_connections_limit.set(settings.max_streams)
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+        closers.append(functools.partial(asyncio.to_thread, _stop_server, server))
+        log.info("metrics_listening", host=settings.host, port=settings.metrics_port)
     watcher = asyncio.create_task(watch_event_loop(metrics.event_loop_lag), name="event loop lag")
     closers.append(functools.partial(_stop, watcher))
     return Container(settings, store, events, chat_model, runner, sessions, verifier, key, metrics, sandbox,
                      closers)
+
+
+def _stop_server(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 async def _stop(job: asyncio.Task[None]) -> None:

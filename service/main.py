@@ -63,8 +63,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None,
     app.state.rate_limits = RateLimits(settings)
     install_problem_handlers(app)
     routers = [health.router, tasks.router, sessions.router, stream.router]
-    if settings.metrics_enabled:
-        routers.append(metrics_route.router)
+    if settings.metrics_enabled and settings.metrics_port is None:
+        routers.append(metrics_route.metrics_router(settings.metrics_path))
     for router in routers:
         app.include_router(router)
     install_problem_schema(app)
@@ -80,7 +80,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None,
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestTelemetry, metrics=app_metrics, tracer=provider.get_tracer(TRACER_NAME, __version__))
+    app.add_middleware(RequestTelemetry, metrics=app_metrics, tracer=provider.get_tracer(TRACER_NAME, __version__),
+                       untraced=frozenset({"/health", "/ready", settings.metrics_path}))
     app_metrics.prepare_routes(_route_templates(routers))
     return app
 

@@ -27,10 +27,6 @@ _SECRET_PARAMS = frozenset({"access_token", "token"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 _STARTED = "alex.started"
-_UNTRACED = frozenset({"/health", "/ready", "/metrics"})
-"""Probes and scrapes: every few seconds from every kubelet and Prometheus, they would bury the traces that
-matter. They are counted in ``alex_http_requests_total`` and logged, but get no span and stay out of the
-in-flight gauge."""
 UNMATCHED = "unmatched"
 """The ``route`` label of a request no route took (a 404 on an unknown path): paths are not a bounded value."""
 
@@ -67,10 +63,15 @@ def _read_headers(scope: Scope) -> tuple[str, dict[str, str]]:
 
 
 class RequestTelemetry:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, tracer: Tracer, untraced: frozenset[str] = frozenset()
+                 ) -> None:
+        """``untraced``: paths of probes and scrapes. Every few seconds from every kubelet and Prometheus, they would
+        bury the traces that matter: they are counted in ``alex_http_requests_total`` and logged, but get no span
+        and stay out of the in-flight gauge."""
         self._app = app
         self._metrics = metrics
         self._tracer = tracer
+        self._untraced = untraced
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +82,7 @@ class RequestTelemetry:
         request_id, carrier = _read_headers(scope)
         method = scope["method"] if scope["method"] in _METHODS else "OTHER"
         parent = extract_context(carrier) if carrier else None
-        probe = scope["path"] in _UNTRACED
+        probe = scope["path"] in self._untraced
         span = trace.INVALID_SPAN if probe else self._start_span(scope, method, request_id, parent)
         in_flight = self._metrics.http_requests_in_flight
         # A scrape would count itself (never below 1) and probes are not the load anyone asks about.

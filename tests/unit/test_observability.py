@@ -130,3 +130,25 @@ def test_an_otlp_endpoint_must_be_an_http_url(monkeypatch: pytest.MonkeyPatch) -
     assert load_settings().otlp_traces_url == "http://collector:4318/v1/traces"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://traces.example/otlp")
     assert load_settings().otlp_traces_url == "https://traces.example/otlp"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("ALEX_METRICS_PATH", "/api/metrics"),
+    ("ALEX_METRICS_PATH", "metrics"),
+    ("ALEX_METRICS_PATH", "/"),
+    ("ALEX_METRICS_PORT", "70000"),
+])
+def test_a_bad_metrics_place_stops_the_start_naming_the_variable(
+        monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    clear_settings_environment(monkeypatch)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        load_settings()
+
+
+def test_the_metrics_port_must_not_be_the_main_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_settings_environment(monkeypatch)
+    monkeypatch.setenv("PORT", "9000")
+    monkeypatch.setenv("ALEX_METRICS_PORT", "9000")
+    with pytest.raises(ConfigError, match=r"^ALEX_METRICS_PORT: must differ from PORT"):
+        load_settings()
