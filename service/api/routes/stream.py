@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, Protocol
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request
@@ -24,8 +24,9 @@ from service.api.telemetry import request_started
 from service.app.access import Principal
 from service.app.sessions import SessionService, StreamsFull
 from service.app.stream import SessionFeed
+from service.container import Container
 from service.domain.errors import LimitExceeded
-from service.domain.events import connected_frame
+from service.domain.events import StoredEvent, connected_frame
 from service.observability.metrics import SSE_CLOSE_REASONS, Metrics
 
 router = APIRouter(tags=["stream"])
@@ -36,6 +37,7 @@ SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
 STALLED = "stalled"
 CLIENT_GONE = "client_gone"
+_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted"})
 
 
 class SessionStreamResponse(EventSourceResponse):
@@ -54,37 +56,60 @@ class SessionStreamResponse(EventSourceResponse):
         reason: str | None = None
         try:
             await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+        except* SendTimeoutError:
+            # Both the data and the heartbeat writes may time out at once: a group of two, not collapsed.
             reason = STALLED
         finally:
             self._stream.finish(reason)
+
+
+class FrameRenderer(Protocol):
+    """Another rendering of the same feed (the web UI's HTML); without one, a stream writes the stored frames.
+
+    Whatever the rendering, the events, their ids, their order and the resume after ``Last-Event-ID`` are the
+    feed's: a renderer only decides the bytes of each frame.
+    """
+
+    def opening(self) -> bytes:
+        """The first write, before any event (the ``connected`` frame)."""
+
+    async def render(self, batch: Sequence[StoredEvent]) -> bytes:
+        """One write: a frame per event, in order, each with the event's ``id:`` and ``event:`` lines."""
+
+    def closing(self, feed: SessionFeed) -> bytes | None:
+        """A last frame, without an id, once the feed has ended (``feed.close_reason`` says why); or None."""
 
 
 class _Stream:
     """One client's stream: its frames, and the account of it (metrics and one log line) when it ends."""
 
     def __init__(self, sessions: SessionService, principal: Principal, feed: SessionFeed, session_id: str,
-                 metrics: Metrics, arrived: float) -> None:
+                 metrics: Metrics, arrived: float, renderer: FrameRenderer | None = None) -> None:
         self._sessions = sessions
         self._principal = principal
         self._feed = feed
         self._session_id = session_id
         self._metrics = metrics
         self._arrived = arrived
+        self._renderer = renderer
         self._opened = time.monotonic()
         self._in_flight = 0
+        self._ended_by: str | None = None
         self._finished = False
         metrics.sse_connections_opened.inc()
         metrics.sse_connections_active.inc()
 
     async def frames(self) -> AsyncIterator[bytes]:
-        feed, metrics = self._feed, self._metrics
+        feed, metrics, renderer = self._feed, self._metrics, self._renderer
         sent, bytes_sent = metrics.sse_events_sent, metrics.sse_bytes_sent
         try:
-            yield connected_frame(self._session_id)
+            yield connected_frame(self._session_id) if renderer is None else renderer.opening()
             metrics.sse_time_to_first_event.observe(time.monotonic() - self._arrived)
             async for batch in feed.batches():
-                frame = b"".join(event.frame for event in batch) if len(batch) > 1 else batch[0].frame
+                if renderer is not None:
+                    frame = await renderer.render(batch)
+                else:
+                    frame = b"".join(event.frame for event in batch) if len(batch) > 1 else batch[0].frame
                 self._in_flight = len(batch)
                 yield frame
                 self._in_flight = 0
@@ -100,7 +125,9 @@ class _Stream:
                     for event_type, count in Counter(event.event_type for event in batch).items():
                         sent.labels(event_type).inc(count)
         finally:
-            self.finish()
+            # The response accounts for the stream (SessionStreamResponse.__call__): only it knows whether a write
+            # timed out. This only lets the feed go at once when the generator is closed early.
+            feed.close(CLIENT_GONE)
 
     def finish(self, reason: str | None = None) -> None:
         """Give the stream's place back and account for it; the first call counts, later ones do nothing."""
@@ -108,10 +135,14 @@ class _Stream:
             return
         self._finished = True
         feed, metrics = self._feed, self._metrics
-        reason = reason or feed.close_reason or CLIENT_GONE
+        lost = feed.pending + self._in_flight if reason == STALLED else 0
+        # The server's own reason to end the feed comes first: a client cut off as slow usually stalls the last
+        # write too, but being slow is why it ended.
+        if feed.close_reason in _SERVER_REASONS:
+            reason = feed.close_reason
+        reason = self._ended_by or reason or feed.close_reason or CLIENT_GONE
         if reason not in SSE_CLOSE_REASONS:
             reason = CLIENT_GONE
-        lost = feed.pending + self._in_flight if reason == STALLED else 0
         self._sessions.unfollow(self._principal, feed)
         seconds = time.monotonic() - self._opened
         metrics.sse_connections_active.dec()
@@ -162,6 +193,13 @@ async def stream_events(
 ) -> SessionStreamResponse:
     """Follow a session's events. The session is created for the caller when the id is free."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
+    return await open_stream(request, principal, sessions, container, session_id, after)
+
+
+async def open_stream(request: Request, principal: Principal, sessions: SessionService, container: Container,
+                      session_id: str, after: int, renderer: FrameRenderer | None = None) -> SessionStreamResponse:
+    """The session's stream after ``after`` for an authorised caller: the one way every stream opens (its caps,
+    metrics and log lines), whichever ``renderer`` writes its frames (None: the stored JSON frames)."""
     structlog.contextvars.bind_contextvars(session_id=session_id)
     metrics = container.metrics
     try:
@@ -174,7 +212,7 @@ async def stream_events(
         raise
     log.info("sse_stream_opened", session_id=session_id, last_event_id=after)
     heartbeat = container.settings.sse_heartbeat_seconds
-    stream = _Stream(sessions, principal, feed, session_id, metrics, request_started(request.scope))
+    stream = _Stream(sessions, principal, feed, session_id, metrics, request_started(request.scope), renderer)
     return SessionStreamResponse(
         stream,
         headers=STREAM_HEADERS,
