@@ -52,3 +52,14 @@ async def open_stream(client: httpx.AsyncClient, session_id: str, *, headers: di
             yield messages
         finally:
             await messages.aclose()
+
+
+async def count_until_terminal(messages: AsyncGenerator[SseMessage, None]) -> int:
+    """Read a stream up to and including the event that ends a task; returns how many messages that was."""
+    received = 0
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        async for message in messages:
+            received += 1
+            if message.event in TERMINAL:
+                break
+    return received

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.tokens import mint_token
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, wait_finished
+from tests.integration.calls import STREAM_TIMEOUT, count_until_terminal, open_stream, wait_finished
 from tests.integration.server import ALL_SCOPES, SECRET, ServerProcess, auth, data_folder, running, token
 
 pytestmark = pytest.mark.integration
@@ -72,12 +72,7 @@ async def submit_followed(server: ServerProcess) -> Submitted:
                                          headers=headers)
             assert response.status_code == 202, response.text
             assert response.headers["x-request-id"] == request_id
-            received = 0
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                async for message in messages:
-                    received += 1
-                    if message.event in TERMINAL:
-                        break
+            received = await count_until_terminal(messages)
         task = await wait_finished(client, response.json()["task_id"])
     return Submitted(request_id, trace_id, span_id, session_id, task, received)
 

@@ -32,7 +32,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit, wait_finished
+from tests.integration.calls import STREAM_TIMEOUT, count_until_terminal, open_stream, submit, wait_finished
 from tests.integration.scripts import scripted
 from tests.integration.server import ServerProcess, auth, running
 
@@ -400,12 +400,7 @@ async def test_a_stream_is_one_server_span_however_many_events_it_carries(
     async with httpx.AsyncClient(base_url=content_server.base_url, headers=auth("alice"), timeout=10.0) as client:
         async with open_stream(client, session_id, headers=headers) as messages:
             task_id = await submit(client, "look around", session_id)
-            received = 0
-            async with asyncio.timeout(STREAM_TIMEOUT):
-                async for message in messages:
-                    received += 1
-                    if message.event in TERMINAL:
-                        break
+            received = await count_until_terminal(messages)
         # Submitted without a traceparent: the task has its own trace, not the stream's.
         assert (await client.get(f"/api/tasks/{task_id}")).json()["trace_id"] != trace_id
     assert received > 5
