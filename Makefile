@@ -5,13 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test unit integration lint typecheck clean
+.PHONY: install system-deps run test unit integration browser lint typecheck clean
 
 # Debian packages the tests use: bubblewrap (the bash sandbox), curl (the README walk-through), util-linux
-# (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules). Installed
-# when missing and we may (root with apt-get); otherwise the tests that need them say what is missing and skip.
-SYSTEM_PACKAGES := bubblewrap curl util-linux prometheus
-SYSTEM_COMMANDS := bwrap curl prlimit setpriv prometheus promtool
+# (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules), chromium
+# (the web UI's browser tests, driven by Playwright; never `playwright install`, which needs the internet).
+# Installed when missing and we may (root with apt-get); otherwise the tests that need them say what is missing
+# and skip.
+SYSTEM_PACKAGES := bubblewrap curl util-linux prometheus chromium
+SYSTEM_COMMANDS := bwrap curl prlimit setpriv prometheus promtool chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +43,9 @@ unit: install
 
 integration: install
 	$(BIN)/pytest tests/integration
+
+browser: install system-deps
+	$(BIN)/pytest tests/browser
 
 lint: install
 	$(BIN)/ruff check .

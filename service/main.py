@@ -19,13 +19,14 @@ from service.api.headers import SecurityHeaders
 from service.api.limits import BodySizeLimit
 from service.api.problems import install_problem_handlers, install_problem_schema
 from service.api.ratelimit import RateLimitHeaders, RateLimits
-from service.api.routes import health, sessions, stream, tasks
+from service.api.routes import health, sessions, stream, tasks, ui, ui_auth
 from service.api.routes import metrics as metrics_route
 from service.api.telemetry import RequestTelemetry
 from service.config import Settings
 from service.container import Container, build_container
 from service.observability.metrics import Metrics
 from service.observability.tracing import TRACER_NAME, build_tracer_provider
+from service.web import WebAssets
 
 log = structlog.get_logger("service.main")
 
@@ -61,8 +62,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None,
         redoc_url=None,
     )
     app.state.rate_limits = RateLimits(settings)
+    app.state.web = WebAssets()
     install_problem_handlers(app)
-    routers = [health.router, tasks.router, sessions.router, stream.router]
+    routers = [health.router, tasks.router, sessions.router, stream.router, ui.router, ui_auth.router]
     if settings.metrics_enabled and settings.metrics_port is None:
         routers.append(metrics_route.metrics_router(settings.metrics_path))
     for router in routers:

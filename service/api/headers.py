@@ -11,14 +11,19 @@ from abc import ABC, abstractmethod
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+UI_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+             "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+"""The web UI's pages (``/`` and ``/ui/...``): its scripts, styles and streams from this origin, nothing inline."""
+UI_PREFIX = "/ui/"
 
-_HEADERS = [
+_COMMON = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
-    (b"content-security-policy", API_POLICY.encode()),
 ]
+_HEADERS = [*_COMMON, (b"content-security-policy", API_POLICY.encode())]
+_UI_HEADERS = [*_COMMON, (b"content-security-policy", UI_POLICY.encode())]
 
 
 class ResponseHeaders(ABC):
@@ -50,4 +55,5 @@ class ResponseHeaders(ABC):
 
 class SecurityHeaders(ResponseHeaders):
     def headers_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
-        return _HEADERS
+        path: str = scope["path"]
+        return _UI_HEADERS if path == "/" or path.startswith(UI_PREFIX) else _HEADERS

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from service.app.access import Principal, owned_session, readable_session, streamable_session
+from service.app.access import Principal, claim_session, owned_session, readable_session, streamable_session
 from service.app.ports import EventLog, SessionStore
 from service.app.runner import TaskRunner
 from service.app.stream import SessionFeed
 from service.app.workspaces import Workspaces
 from service.domain.errors import LimitExceeded, NotFound, Unavailable
 from service.domain.events import StoredEvent
-from service.domain.models import Session
+from service.domain.models import Session, new_session_id
 
 
 class StreamsFull(Unavailable):
@@ -65,6 +65,10 @@ class SessionService:
         self._workspaces = workspaces
         self._buffer_size = stream_buffer_size
         self.streams = StreamQuota(max_streams_per_client, max_streams)
+
+    async def create(self, principal: Principal) -> Session:
+        """A new, empty session owned by the caller, under a fresh random id (the web UI's "New session")."""
+        return await claim_session(self._store, principal, new_session_id())
 
     async def ids(self, principal: Principal) -> list[str]:
         return await self._store.list_sessions(None if principal.is_admin else principal.subject)

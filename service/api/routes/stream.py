@@ -94,7 +94,6 @@ class _Stream:
         self._renderer = renderer
         self._opened = time.monotonic()
         self._in_flight = 0
-        self._ended_by: str | None = None
         self._finished = False
         metrics.sse_connections_opened.inc()
         metrics.sse_connections_active.inc()
@@ -124,6 +123,10 @@ class _Stream:
                 else:
                     for event_type, count in Counter(event.event_type for event in batch).items():
                         sent.labels(event_type).inc(count)
+            last = renderer.closing(feed) if renderer is not None else None
+            if last is not None:
+                yield last
+                bytes_sent.inc(len(last))
         finally:
             # The response accounts for the stream (SessionStreamResponse.__call__): only it knows whether a write
             # timed out. This only lets the feed go at once when the generator is closed early.
@@ -140,7 +143,7 @@ class _Stream:
         # write too, but being slow is why it ended.
         if feed.close_reason in _SERVER_REASONS:
             reason = feed.close_reason
-        reason = self._ended_by or reason or feed.close_reason or CLIENT_GONE
+        reason = reason or feed.close_reason or CLIENT_GONE
         if reason not in SSE_CLOSE_REASONS:
             reason = CLIENT_GONE
         self._sessions.unfollow(self._principal, feed)
