@@ -8,7 +8,6 @@ download (``playwright install``) is never used: it needs the internet.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from playwright.sync_api import (  # noqa: E402
     sync_playwright,
 )
 
-from tests.integration.server import ServerProcess, fresh_data_root, token  # noqa: E402
+from tests.integration.server import SECRET, ServerProcess, running, token  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -63,15 +62,8 @@ def chromium() -> Iterator[Browser]:
 
 def start_server(*, generated_secret: bool = False) -> Iterator[ServerProcess]:
     """A server with the mock model; with ``generated_secret`` it has no ALEX_JWT_SECRET and makes its own."""
-    root = fresh_data_root()
-    env = {"ALEX_MOCK_DELAY_MS": MOCK_DELAY_MS}
-    process = (ServerProcess(root / "data", env, secret=None) if generated_secret
-               else ServerProcess(root / "data", env)).start()
-    try:
+    with running(secret=None if generated_secret else SECRET, ALEX_MOCK_DELAY_MS=MOCK_DELAY_MS) as process:
         yield process
-    finally:
-        process.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

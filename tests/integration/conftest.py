@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
-from tests.integration.server import ServerProcess, auth, fresh_data_root
+from tests.integration.server import ServerProcess, auth, running
 
 
 @pytest.fixture
 def server() -> Iterator[ServerProcess]:
     """A server on its embedded defaults (SQLite, in-process broker) with the mock model at zero delay."""
-    root = fresh_data_root()
-    process = ServerProcess(root / "data").start()
-    try:
+    with running() as process:
         yield process
-    finally:
-        process.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

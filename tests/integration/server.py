@@ -48,11 +48,12 @@ def data_folder() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running(data: Path | None = None, **env: str) -> Iterator[ServerProcess]:
-    """A started server with ``env`` on top of the harness's defaults (in a fresh data folder unless ``data``)."""
+def running(data: Path | None = None, *, secret: str | None = SECRET, **env: str) -> Iterator[ServerProcess]:
+    """A started server with ``env`` on top of the harness's defaults (in a fresh data folder unless ``data``);
+    ``secret=None`` lets it make its own development secret."""
     with contextlib.ExitStack() as stack:
         folder = data if data is not None else stack.enter_context(data_folder())
-        process = ServerProcess(folder, env=env).start()
+        process = ServerProcess(folder, env=env, secret=secret).start()
         stack.callback(process.kill)
         yield process
 

@@ -21,13 +21,8 @@ UI_SCRIPT_SOURCES = "script-src 'self'"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    root = fresh_data_root()
-    process = ServerProcess(root / "data").start()
-    try:
+    with running() as process:
         yield process
-    finally:
-        process.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ server, a page that fell behind)."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import threading
@@ -15,7 +14,7 @@ import pytest
 
 from service.web.render import EVENT_TEMPLATES
 from tests.integration.calls import STREAM_TIMEOUT
-from tests.integration.server import ServerProcess, fresh_data_root, running, token
+from tests.integration.server import ServerProcess, running, token
 from tests.integration.ui_calls import (
     api,
     browser,
@@ -35,13 +34,8 @@ HOSTILE = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    root = fresh_data_root()
-    process = ServerProcess(root / "data").start()
-    try:
+    with running() as process:
         yield process
-    finally:
-        process.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def delete_later(server: ServerProcess, session_id: str, delay: float) -> threading.Timer:
