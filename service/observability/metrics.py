@@ -100,8 +100,6 @@ AUTH_FAILURE_REASONS = (
 )
 UNKNOWN_TOOL = "unknown"
 """The ``tool`` label of a call to a tool the registry does not have (the model's name is not a bounded value)."""
-OTHER = "other"
-"""The label of a value outside its fixed list."""
 
 
 class Metrics:
@@ -220,13 +218,19 @@ class Metrics:
             self.sse_events_dropped.labels(reason)
         for reason in SSE_REJECT_REASONS:
             self.sse_connections_rejected.labels(reason)
-        for event_type in EVENT_TYPES:
-            self.sse_events_sent.labels(event_type.event_type)
+        # Resolved once: a stream counts every write, and ``labels()`` costs a lock and a lookup each time.
+        self.sse_sent_by_type = {t.event_type: self.sse_events_sent.labels(t.event_type) for t in EVENT_TYPES}
         for outcome in TASK_OUTCOMES:
             self.tasks_finished.labels(outcome)
             self.task_duration.labels(outcome)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+
+    def count_sent(self, event_type: str, count: int = 1) -> None:
+        child = self.sse_sent_by_type.get(event_type)
+        if child is None:
+            child = self.sse_sent_by_type[event_type] = self.sse_events_sent.labels(event_type)
+        child.inc(count)
 
     def describe_build(self, version: str, provider: str, model: str) -> None:
         self.build_info.labels(version, platform.python_version(), provider, model).set(1)

@@ -3,8 +3,6 @@ no gap and nothing twice."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +10,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import MOCK_DELAY_MS, Browsing
 from tests.browser.pages import answer, new_session, run
-from tests.integration.server import ServerProcess, fresh_data_root
+from tests.integration.server import ServerProcess, free_port, running
 
 pytestmark = pytest.mark.browser
 
@@ -20,16 +18,8 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     """A server on a fixed port, so that the same address answers again after a restart."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    root = fresh_data_root()
-    process = ServerProcess(root / "data", {"PORT": str(port), "ALEX_MOCK_DELAY_MS": MOCK_DELAY_MS}).start()
-    try:
+    with running(PORT=str(free_port()), ALEX_MOCK_DELAY_MS=MOCK_DELAY_MS) as process:
         yield process
-    finally:
-        process.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_page_resumes_after_a_server_restart(browsing: Browsing) -> None:

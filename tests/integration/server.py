@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,15 @@ def running(data: Path | None = None, *, secret: str | None = SECRET, **env: str
         process = ServerProcess(folder, env=env, secret=secret).start()
         stack.callback(process.kill)
         yield process
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, then closed): for a server that must keep its address, or for a
+    peer that must not answer."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def make_traversable(folder: Path) -> None:

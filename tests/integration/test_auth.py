@@ -11,7 +11,6 @@ import hmac
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.integration.server import SECRET, ServerProcess, clean_environment, data_folder
+from tests.integration.server import SECRET, ServerProcess, clean_environment, data_folder, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -678,12 +677,6 @@ def test_jwks_rotation_unknown_kids_and_an_outage(jwks: JwksServer) -> None:
         assert sessions_status(server, token2).status_code == 200
         assert not server.events_logged("request_failed")
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def test_a_server_that_cannot_fetch_its_keys_answers_503_never_500() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 from service.adapters.llm.openai_chat import OpenAIChatModel
 from service.domain.llm import LLMError, Message, ToolCall, ToolSpec, Usage
 from tests.fakes.openai_server import FakeOpenAI, tool_call
+from tests.integration.server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -277,9 +277,7 @@ async def test_malformed_or_failing_streams(fake: FakeOpenAI, make_model: ModelF
 
 
 async def test_an_unreachable_server_is_a_connection_error(make_model: ModelFactory) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     # Nothing listens on the port once the probe is closed.
     error = await failure(make_model(base_url=f"http://127.0.0.1:{port}/v1").chat(TASK, [], Sink()))
     assert error.kind == "connection"

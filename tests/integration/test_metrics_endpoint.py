@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 
-from tests.integration.server import running
+from tests.integration.server import free_port, running
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def test_the_metrics_answer_without_a_token_on_the_main_port() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ import pytest
 
 from tests import promql
 from tests.integration.calls import STREAM_TIMEOUT, open_stream, submit, wait_finished
-from tests.integration.server import auth, running
+from tests.integration.server import auth, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +58,6 @@ def fill(expr: str) -> str:
             .replace("$pod", "(" + "|".join(PODS) + ")")
             .replace("$__rate_interval", RATE_WINDOW))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @contextmanager

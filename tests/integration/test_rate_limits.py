@@ -19,7 +19,7 @@ import jwt
 import pytest
 
 from tests.integration.calls import open_stream
-from tests.integration.server import SECRET, ServerProcess, auth, data_folder, token
+from tests.integration.server import SECRET, ServerProcess, auth, data_folder, free_port, token
 
 pytestmark = pytest.mark.integration
 
@@ -212,12 +212,6 @@ async def test_a_second_running_task_is_429_until_the_first_stops(capped: Server
 
 # Shared counters: two processes, one Redis
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def redis_answers(port: int) -> bool:

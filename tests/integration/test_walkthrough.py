@@ -9,7 +9,6 @@ import json
 import queue
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import httpx
 import pytest
 
 from tests.integration.calls import STREAM_TIMEOUT, wait_finished
-from tests.integration.server import SECRET, ServerProcess, auth, clean_environment, data_folder, running
+from tests.integration.server import SECRET, ServerProcess, auth, clean_environment, data_folder, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -572,9 +571,7 @@ def test_alex_server_run_exits_1_when_the_model_fails(tmp_path: Path) -> None:
 
 
 def test_alex_server_run_exits_4_when_the_server_is_unreachable() -> None:
-    with socket.socket() as probe:  # a port nobody listens on: bound, then closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     started = time.monotonic()
     done = alex_server("run", "$ echo x", "--url", f"http://127.0.0.1:{port}", timeout=30)
     assert done.returncode == 4, (done.stdout, done.stderr)

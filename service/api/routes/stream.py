@@ -100,7 +100,7 @@ class _Stream:
 
     async def frames(self) -> AsyncIterator[bytes]:
         feed, metrics, renderer = self._feed, self._metrics, self._renderer
-        sent, bytes_sent = metrics.sse_events_sent, metrics.sse_bytes_sent
+        bytes_sent = metrics.sse_bytes_sent
         try:
             yield connected_frame(self._session_id) if renderer is None else renderer.opening()
             metrics.sse_time_to_first_event.observe(time.monotonic() - self._arrived)
@@ -119,10 +119,10 @@ class _Stream:
                     metrics.sse_delivery_latency.observe(max(0.0, time.time() - first.appended_at))
                 bytes_sent.inc(len(frame))
                 if len(batch) == 1:
-                    sent.labels(first.event_type).inc()
+                    metrics.count_sent(first.event_type)
                 else:
                     for event_type, count in Counter(event.event_type for event in batch).items():
-                        sent.labels(event_type).inc(count)
+                        metrics.count_sent(event_type, count)
             last = renderer.closing(feed) if renderer is not None else None
             if last is not None:
                 yield last
