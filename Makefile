@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 .PHONY: install system-deps run test unit integration browser lint typecheck clean
 
 # Debian packages the tests use: bubblewrap (the bash sandbox), curl (the README walk-through), util-linux
-# (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules), chromium
+# (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules), redis-server
+# (the tests start their own on a free port, for the Redis backend and several replicas), chromium
 # (the web UI's browser tests, driven by Playwright; never `playwright install`, which needs the internet).
 # Installed when missing and we may (root with apt-get); otherwise the tests that need them say what is missing
 # and skip.
-SYSTEM_PACKAGES := bubblewrap curl util-linux prometheus chromium
-SYSTEM_COMMANDS := bwrap curl prlimit setpriv prometheus promtool chromium
+SYSTEM_PACKAGES := bubblewrap curl util-linux prometheus chromium redis-server
+SYSTEM_COMMANDS := bwrap curl prlimit setpriv prometheus promtool chromium redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -67,6 +67,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     data_dir: Path = Path(".alex")
     redis_url: str | None = None
+    """Several replicas: events, sessions, tasks, the task queue and the limits live in this Redis."""
+    replica_id: str | None = None
+    """This replica's name in Redis (leases, consumer group); default: the host name and process id."""
+    worker_concurrency: int = Field(default=8, ge=1, le=1000)
+    """Tasks this replica runs at once; with Redis the rest wait in the shared queue for any replica."""
+    task_lease_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
+    """With Redis: a task whose replica has not renewed its lease for this long is marked interrupted."""
+    redis_event_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    """With Redis: a session's events expire this long after its last event (besides ALEX_EVENT_RETENTION)."""
+    redis_outage_buffer_events: int = Field(default=10_000, ge=0)
+    """With Redis: events a replica holds for its running tasks while Redis is down; past it those tasks fail."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """How long running tasks may go on after SIGTERM before they are cancelled and stored as interrupted."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -143,6 +154,15 @@ class Settings(BaseSettings):
         if self.metrics_port is not None and self.metrics_port == self.port:
             raise ValueError("ALEX_METRICS_PORT: must differ from PORT (unset it to serve the metrics on PORT)")
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.match(r"^(redis|rediss|unix)://", value.strip()):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value.strip()
 
     @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
     @classmethod
@@ -253,7 +273,7 @@ class Settings(BaseSettings):
         return self.data_dir / "jwt_secret"
 
 
-_SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret", "OPENAI_API_KEY"})
+_SECRET_FIELDS = frozenset({"openai_api_key", "jwt_secret", "OPENAI_API_KEY", "redis_url"})
 _ENV_NAMES = {
     "openai_api_key": "OPENAI_API_KEY",
     "port": "PORT",
