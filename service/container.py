@@ -21,14 +21,16 @@ from prometheus_client import start_http_server
 from service import __version__
 from service.adapters.auth.jwks import JwksKeys
 from service.adapters.broker.memory import MemoryBroker
+from service.adapters.broker.tasks import LocalTaskBoard
 from service.adapters.llm import build_chat_model
+from service.adapters.redis import open_redis
 from service.adapters.store.sqlite import SqliteDatabase
 from service.adapters.store.sqlite_events import SqliteEventLog
 from service.adapters.store.sqlite_sessions import SqliteSessionStore
 from service.adapters.tools import build_tools
 from service.adapters.tools.sandbox import Sandbox, sandbox_from_settings
-from service.app.ports import EventLog, SessionStore
-from service.app.runner import TaskRunner
+from service.app.ports import ClientStreams, EventLog, SessionStore, TaskBoard
+from service.app.runner import INTERRUPTED_BY_LOST_REPLICA, TaskRunner
 from service.app.sessions import SessionService
 from service.app.workspaces import Workspaces
 from service.config import Settings
@@ -106,14 +108,7 @@ async def build_container(
     for folder in (settings.data_dir, settings.workspaces_dir):
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o711)
-    if store is None or events is None:
-        db = await SqliteDatabase.open(settings.database_path)
-        closers.append(db.close)
-        if store is None:
-            store = SqliteSessionStore(db)
-        if events is None:
-            events = await SqliteEventLog.open(db, MemoryBroker(), retention=settings.event_retention)
-            closers.append(events.close)
+    storage = await _open_storage(settings, closers, store, events)
     if chat_model is None:
         chat_model = build_chat_model(settings)
         aclose = getattr(chat_model, "aclose", None)
@@ -138,6 +133,7 @@ async def build_container(
         telemetry=telemetry,
     )
     workspaces = Workspaces(settings.workspaces_dir)
+    store, events = storage.store, storage.events
     runner = TaskRunner(
         store,
         events,
@@ -146,6 +142,11 @@ async def build_container(
         max_task_chars=settings.max_task_chars,
         max_tasks_per_client=settings.max_tasks_per_client,
         metrics=metrics,
+        board=storage.board if storage.board is not None else LocalTaskBoard(),
+        concurrency=settings.worker_concurrency,
+        replica=storage.replica,
+        # With Redis, a task's outcome waits for a short outage to end rather than be lost (the lease holds it).
+        settle_retry_seconds=settings.task_lease_seconds if storage.board is not None else 0.0,
     )
     sessions = SessionService(
         store,
@@ -155,6 +156,7 @@ async def build_container(
         stream_buffer_size=settings.sse_buffer_size,
         max_streams_per_client=settings.max_streams_per_client,
         max_streams=settings.max_streams,
+        client_streams=storage.client_streams,
     )
     key: SigningKey | None = None
     verifier: TokenVerifier | None = None
@@ -183,6 +185,33 @@ async def build_container(
     closers.append(functools.partial(_stop, watcher))
     return Container(settings, store, events, chat_model, runner, sessions, verifier, key, metrics, sandbox,
                      closers)
+
+
+@dataclass
+class _Storage:
+    store: SessionStore
+    events: EventLog
+    board: TaskBoard | None = None
+    client_streams: ClientStreams | None = None
+    replica: str = "local"
+
+
+async def _open_storage(settings: Settings, closers: list[Any], store: SessionStore | None,
+                        events: EventLog | None) -> _Storage:
+    """Redis when ``ALEX_REDIS_URL`` is set (and no test passed its own store and log); else SQLite."""
+    if settings.redis_url is not None and store is None and events is None:
+        backend = await open_redis(settings, interrupted_reason=INTERRUPTED_BY_LOST_REPLICA)
+        closers.extend(reversed(backend.closers))
+        return _Storage(backend.store, backend.events, backend.board, backend.client_streams, backend.replica)
+    if store is None or events is None:
+        db = await SqliteDatabase.open(settings.database_path)
+        closers.append(db.close)
+        if store is None:
+            store = SqliteSessionStore(db)
+        if events is None:
+            events = await SqliteEventLog.open(db, MemoryBroker(), retention=settings.event_retention)
+            closers.append(events.close)
+    return _Storage(store, events)
 
 
 def _stop_server(server: Any) -> None:

@@ -44,6 +44,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None,
         app.state.container = container
         try:
             await container.runner.recover()
+            await container.runner.start()
             _announce(settings, container)
             container.ready = True
             yield

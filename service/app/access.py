@@ -50,6 +50,14 @@ async def claim_session(store: SessionStore, principal: Principal, session_id: s
     return session
 
 
+async def claimable_session(store: SessionStore, principal: Principal, session_id: str) -> None:
+    """Raise what :func:`claim_session` would for this id (bad id, another subject's session), creating nothing."""
+    check_session_id(session_id)
+    session = await store.get_session(session_id)
+    if session is not None and session.owner != principal.subject:
+        raise _not_found(session_id)
+
+
 async def readable_session(store: SessionStore, principal: Principal, session_id: str) -> Session:
     """The session if the caller owns it or is an admin; :class:`NotFound` otherwise."""
     check_session_id(session_id)

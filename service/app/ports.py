@@ -1,12 +1,12 @@
 """The ports the use cases need from storage and delivery, each a small Protocol.
 
-Adapters: ``service.adapters.store`` (SQLite) and ``service.adapters.broker`` (in-process fan-out) today; Redis
-later. ``tests/unit/fakes.py``-style in-memory versions are the adapters in ``service.adapters.store.memory``.
+Adapters: ``service.adapters.store`` (SQLite, and in-memory ones for tests) with ``service.adapters.broker``
+(in-process fan-out) for one process; ``service.adapters.redis`` for several replicas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from service.domain.events import Event, StoredEvent
@@ -32,6 +32,10 @@ class Subscription(Protocol):
     @property
     def pending(self) -> int:
         """Events received and not yet taken by ``next_batch``."""
+
+    async def ready(self) -> None:
+        """Return once every event appended from now on will reach this subscription (at once in-process; a
+        replica of several first learns where the session's shared stream stands). Read the replay after it."""
 
     async def next_batch(self) -> list[StoredEvent]: ...
 
@@ -107,3 +111,63 @@ class SessionStore(Protocol):
 
     async def close(self) -> None:
         """Release what the store owns (a shared database is closed by its opener)."""
+
+
+class TaskBoard(Protocol):
+    """Who runs which task: the queue every replica takes from, one task at a time per session, a cap on the
+    unfinished tasks of each owner, cancel requests, and (with several replicas) leases on running tasks.
+
+    A task goes: ``reserve`` (its session and one of its owner's places; raises ``Conflict`` naming the session's
+    task, or ``LimitExceeded``), then, once stored, ``enqueue``; a worker's ``take`` hands it to exactly one
+    replica, which holds it until ``release``. ``withdraw`` takes a queued task back before anyone runs it.
+    A reservation that is never enqueued (its replica stopped between the two) lapses by itself.
+    """
+
+    @property
+    def exclusive(self) -> bool:
+        """True when this process is the only one using the board: what it finds unfinished at start is its own."""
+
+    def bind(self, on_cancel: Callable[[str, str], None], on_lost: Callable[[str], None],
+             on_reaped: Callable[[str], Awaitable[None]]) -> None:
+        """The runner's callbacks: a cancel request for a task (id, reason), a held task whose lease was lost
+        (another replica declared it interrupted), a task this replica declared interrupted for another."""
+
+    async def start(self) -> None: ...
+
+    async def reserve(self, task: Task, max_per_owner: int) -> None: ...
+
+    async def enqueue(self, task: Task) -> None: ...
+
+    async def take(self, limit: int) -> list[str]:
+        """Ids of up to ``limit`` queued tasks now held by this replica; may return ``[]`` after a while."""
+
+    async def withdraw(self, task_id: str) -> bool:
+        """Take the task out of the queue if nobody runs it yet; False when it was taken (or is gone)."""
+
+    async def request_cancel(self, task_id: str, reason: str) -> None:
+        """Ask the replica that holds the task to stop it."""
+
+    async def release(self, task: Task) -> None:
+        """Free the task's session and its owner's place; the replica no longer holds it."""
+
+    async def session_task(self, session_id: str) -> str | None:
+        """The id of the session's queued or running task, if any."""
+
+    def stop_taking(self) -> None:
+        """Draining: ``take`` returns ``[]`` from now on; queued tasks stay for the other replicas."""
+
+    async def withdraw_all(self) -> list[str]:
+        """At shutdown: on a board no other process uses, withdraw every queued task (nobody else would run them)
+        and return their ids; on a shared board, nothing (they wait for the other replicas)."""
+
+    async def close(self) -> None: ...
+
+
+class ClientStreams(Protocol):
+    """Open streams per subject, counted against a cap across every replica that shares the counter."""
+
+    async def acquire(self, subject: str, stream_id: str, limit: int) -> None:
+        """Count one more stream of ``subject``; ``LimitExceeded`` when it has ``limit`` open already."""
+
+    def release(self, subject: str, stream_id: str) -> None:
+        """The stream ended (may complete later, in the background)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
+
 from service.app.access import Principal, claim_session, owned_session, readable_session, streamable_session
-from service.app.ports import EventLog, SessionStore
+from service.app.ports import ClientStreams, EventLog, SessionStore
 from service.app.runner import TaskRunner
 from service.app.stream import SessionFeed
 from service.app.workspaces import Workspaces
@@ -16,35 +18,55 @@ class StreamsFull(Unavailable):
     """This process holds as many streams as it may (``ALEX_MAX_STREAMS``): the client should try another replica."""
 
 
-class StreamQuota:
-    """Open streams per subject (``ALEX_MAX_STREAMS_PER_CLIENT``) and in all (``ALEX_MAX_STREAMS``), capped."""
+class LocalClientStreams:
+    """``ClientStreams`` within one process."""
 
-    def __init__(self, per_client: int, total: int) -> None:
-        self._per_client = per_client
-        self.limit = total
+    def __init__(self) -> None:
         self._open: dict[str, int] = {}
-        self.total = 0
 
-    def acquire(self, subject: str) -> None:
+    async def acquire(self, subject: str, stream_id: str, limit: int) -> None:
         count = self._open.get(subject, 0)
-        if count >= self._per_client:
+        if count >= limit:
             raise LimitExceeded(f"{count} streams are open for this client (ALEX_MAX_STREAMS_PER_CLIENT)",
                                 retry_after=5)
-        if self.total >= self.limit:
-            raise StreamsFull(f"this server holds its maximum of {self.limit} streams (ALEX_MAX_STREAMS); "
-                              "retry shortly or on another replica")
         self._open[subject] = count + 1
-        self.total += 1
 
-    def release(self, subject: str) -> None:
+    def release(self, subject: str, stream_id: str) -> None:
         count = self._open.get(subject, 0)
-        if count <= 0:
-            return
-        self.total -= 1
         if count > 1:
             self._open[subject] = count - 1
         else:
-            del self._open[subject]
+            self._open.pop(subject, None)
+
+
+class StreamQuota:
+    """Open streams per subject (``ALEX_MAX_STREAMS_PER_CLIENT``, counted by ``per_subject``, shared by the
+    replicas when it is) and in this process (``ALEX_MAX_STREAMS``), capped."""
+
+    def __init__(self, per_client: int, total: int, per_subject: ClientStreams | None = None) -> None:
+        self._per_client = per_client
+        self._per_subject = per_subject if per_subject is not None else LocalClientStreams()
+        self.limit = total
+        self.total = 0
+
+    async def acquire(self, subject: str) -> str:
+        """Take a place; returns the stream's id, for :meth:`release`."""
+        if self.total >= self.limit:
+            raise StreamsFull(f"this server holds its maximum of {self.limit} streams (ALEX_MAX_STREAMS); "
+                              "retry shortly or on another replica")
+        stream_id = secrets.token_hex(8)
+        # Counted before the await: concurrent opens must not all pass the check.
+        self.total += 1
+        try:
+            await self._per_subject.acquire(subject, stream_id, self._per_client)
+        except BaseException:
+            self.total -= 1
+            raise
+        return stream_id
+
+    def release(self, subject: str, stream_id: str) -> None:
+        self.total -= 1
+        self._per_subject.release(subject, stream_id)
 
 
 class SessionService:
@@ -58,13 +80,14 @@ class SessionService:
         stream_buffer_size: int,
         max_streams_per_client: int,
         max_streams: int = 10_000,
+        client_streams: ClientStreams | None = None,
     ) -> None:
         self._store = store
         self._events = events
         self._runner = runner
         self._workspaces = workspaces
         self._buffer_size = stream_buffer_size
-        self.streams = StreamQuota(max_streams_per_client, max_streams)
+        self.streams = StreamQuota(max_streams_per_client, max_streams, client_streams)
 
     async def create(self, principal: Principal) -> Session:
         """A new, empty session owned by the caller, under a fresh random id (the web UI's "New session")."""
@@ -86,14 +109,23 @@ class SessionService:
         The caller must call :meth:`unfollow` when the feed is done.
         """
         session = await streamable_session(self._store, principal, session_id)
-        self.streams.acquire(principal.subject)
-        feed = SessionFeed(self._events, session_id, after, self._buffer_size)
-        # Checked again once subscribed: a delete that finished meanwhile closed the subscriptions it found, not
-        # this one, and the id may already be someone else's.
-        current = await self._store.get_session(session_id)
-        if current is None or current.owner != session.owner or current.created_at != session.created_at:
+        place = await self.streams.acquire(principal.subject)
+        try:
+            feed = SessionFeed(self._events, session_id, after, self._buffer_size)
+        except BaseException:
+            self.streams.release(principal.subject, place)
+            raise
+        feed.place = place
+        try:
+            await feed.ready()
+            # Checked again once subscribed: a delete that finished meanwhile closed the subscriptions it found,
+            # not this one, and the id may already be someone else's.
+            current = await self._store.get_session(session_id)
+            if current is None or current.owner != session.owner or current.created_at != session.created_at:
+                raise NotFound(f"session {session_id!r} not found")
+        except BaseException:
             self.unfollow(principal, feed)
-            raise NotFound(f"session {session_id!r} not found")
+            raise
         return feed
 
     def unfollow(self, principal: Principal, feed: SessionFeed) -> None:
@@ -102,7 +134,7 @@ class SessionService:
             return
         feed.released = True
         feed.close()
-        self.streams.release(principal.subject)
+        self.streams.release(principal.subject, feed.place)
 
     async def delete(self, principal: Principal, session_id: str) -> None:
         """The session, its tasks (a running one is cancelled first), its events and its workspace."""

@@ -59,6 +59,8 @@ class SessionFeed:
         self.replayed = 0
         self.delivered = 0
         self.released = False
+        self.place = ""
+        """The stream's place in its subject's quota (set by the session service)."""
         self.live = False
         """True once the stored events are replayed and the feed follows live ones."""
 
@@ -74,6 +76,10 @@ class SessionFeed:
     def pending(self) -> int:
         """Live events received but not yet taken by the reader."""
         return self._subscription.pending
+
+    async def ready(self) -> None:
+        """Wait until live events reach the feed (see ``Subscription.ready``); before iterating."""
+        await self._subscription.ready()
 
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)

@@ -65,6 +65,19 @@ def format_span_id(span_id: int) -> str:
     return format(span_id, "016x")
 
 
+def continue_trace(trace_id: str) -> otel_context.Context:
+    """A context whose spans join the trace ``trace_id`` (a task taken from the queue by another replica than the
+    one its request reached: the trace goes on, under a remote parent standing for that request)."""
+    try:
+        number = int(trace_id, 16)
+    except ValueError:
+        number = 0
+    if not number:
+        return task_trace()[1]
+    parent = SpanContext(number, secrets.randbits(64) or 1, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(parent), otel_context.Context())
+
+
 def task_trace() -> tuple[str, otel_context.Context]:
     """The trace a new task joins: the current one (the ``POST /api/tasks`` span), with its id.
 

@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from service.adapters.broker.memory import MemoryBroker
+from service.adapters.broker.tasks import LocalTaskBoard
 from service.adapters.store.memory import MemoryEventLog, MemorySessionStore
 from service.app.access import DEFAULT_SCOPES, Principal
 from service.app.runner import INTERRUPTED_BY_RESTART, INTERRUPTED_BY_SHUTDOWN, TaskRunner
@@ -98,7 +99,7 @@ class Rig:
 
 def make_rig(
     root: Path, turns: Iterable[Turn] = (), tools: Iterable[Tool] = (), *, max_tasks_per_client: int = 4,
-    max_task_chars: int = 1000,
+    max_task_chars: int = 1000, concurrency: int = 8,
 ) -> Rig:
     broker = MemoryBroker()
     log = MemoryEventLog(broker)
@@ -107,7 +108,7 @@ def make_rig(
     workspaces = Workspaces(root / "workspaces")
     engine = ReactEngine(model, ToolRegistry(tools), EngineConfig(system_prompt="sys"))
     runner = TaskRunner(store, log, engine, workspaces, max_task_chars=max_task_chars,
-                        max_tasks_per_client=max_tasks_per_client)
+                        max_tasks_per_client=max_tasks_per_client, board=LocalTaskBoard(), concurrency=concurrency)
     return Rig(runner, store, log, broker, model, workspaces)
 
 
@@ -150,7 +151,7 @@ async def test_submit_returns_queued_and_the_task_completes_with_its_events(rigs
     assert task.status is TaskStatus.QUEUED
     assert (task.owner, task.text, task.trace_id) == ("alice", "list the files", TRACE)
     assert task.session_id.startswith("s_")
-    assert rig.runner.running_count == 1
+    assert rig.runner.running_count == 0  # queued: the worker takes it on its next turn
     done = await rig.store.finished(task.id)
     assert done.status is TaskStatus.COMPLETED
     assert done.final_answer == "One file."
@@ -297,6 +298,64 @@ async def test_an_unsafe_session_id_is_not_found(rigs: RigFactory, session_id: s
     with pytest.raises(NotFound):
         await rig.runner.submit(ALICE, "hello", session_id)
     assert await rig.store.list_sessions(None) == []
+
+
+# The queue ---------------------------------------------------------------------------------------------------------
+
+
+async def test_at_most_concurrency_tasks_run_and_the_rest_wait_queued(rigs: RigFactory) -> None:
+    gate = asyncio.Event()
+    rig = rigs([Gated(gate, answer("done")) for _ in range(4)], concurrency=2, max_tasks_per_client=10)
+    tasks = [await rig.runner.submit(ALICE, f"task {n}", f"s_q{n}") for n in range(4)]
+    async with asyncio.timeout(GUARD_SECONDS):
+        while True:  # the worker starts them on its own turns
+            if rig.runner.running_count >= 2:
+                break
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # time for a wrongly started third one to show
+
+    assert rig.runner.running_count == 2
+    statuses = [(await rig.store.get_task(task.id)).status for task in tasks]  # type: ignore[union-attr]
+    assert statuses == [TaskStatus.RUNNING, TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.QUEUED]
+
+    gate.set()
+    for task in tasks:
+        assert (await rig.store.finished(task.id)).status is TaskStatus.COMPLETED
+
+
+async def test_cancelling_a_queued_task_settles_it_at_once_without_running_it(rigs: RigFactory) -> None:
+    gate = asyncio.Event()
+    rig = rigs([Gated(gate, answer("done")), answer("again")], concurrency=1)
+    first = await rig.runner.submit(ALICE, "busy", "s_first")
+    waiting = await rig.runner.submit(ALICE, "waits", "s_waiting")
+    await rig.model.until_parked()
+
+    cancelled = await rig.runner.cancel(ALICE, waiting.id, reason="not needed")
+
+    assert cancelled.status is TaskStatus.CANCELLED
+    stored = await rig.store.get_task(waiting.id)
+    assert stored is not None
+    assert (stored.status, stored.started_at) == (TaskStatus.CANCELLED, None)
+    assert await rig.types("s_waiting") == ["task_cancelled"]
+    assert (await rig.events("s_waiting"))[0].to_dict()["reason"] == "not needed"
+    # Its session and its owner's place are free again.
+    again = await rig.runner.submit(ALICE, "now", "s_waiting")
+    gate.set()
+    assert (await rig.store.finished(first.id)).status is TaskStatus.COMPLETED
+    assert (await rig.store.finished(again.id)).status is TaskStatus.COMPLETED
+
+
+async def test_queue_wait_is_measured_from_submission(rigs: RigFactory) -> None:
+    gate = asyncio.Event()
+    rig = rigs([Gated(gate, answer("done")), answer("two")], concurrency=1)
+    await rig.runner.submit(ALICE, "busy", "s_busy_one")
+    second = await rig.runner.submit(ALICE, "waits", "s_busy_two")
+    await rig.model.until_parked()
+    await asyncio.sleep(0.05)
+    gate.set()
+    done = await rig.store.finished(second.id)
+    assert done.started_at is not None
+    assert (done.started_at - done.created_at).total_seconds() >= 0.05
 
 
 # Cancelling --------------------------------------------------------------------------------------------------------

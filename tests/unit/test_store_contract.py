@@ -1,6 +1,6 @@
 """One contract for every storage backend: the ``EventLog`` and ``SessionStore`` ports, run on each backend.
 
-A backend is a factory in :data:`BACKENDS`; a new one (Redis) joins the whole suite with one line there. The last
+A backend is a factory in :data:`BACKENDS` (Redis runs on a real redis-server the module starts). The last
 section holds what only the SQLite adapters promise beyond the ports (crash gap, write failures).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -18,15 +18,19 @@ import pytest
 import structlog
 
 from service.adapters.broker.memory import MemoryBroker
+from service.adapters.redis.client import ControlBus, connect
+from service.adapters.redis.events import RedisEventLog
+from service.adapters.redis.sessions import RedisSessionStore
 from service.adapters.store import sqlite_events
 from service.adapters.store.memory import MemoryEventLog, MemorySessionStore
 from service.adapters.store.sqlite import SqliteDatabase
 from service.adapters.store.sqlite_events import CRASH_ID_GAP, SqliteEventLog
 from service.adapters.store.sqlite_sessions import SqliteSessionStore
-from service.app.ports import EventLog, SessionStore
+from service.app.ports import EventLog, SessionStore, Subscription
 from service.domain.errors import Unavailable
 from service.domain.events import StoredEvent, Thinking, ToolCallStart
 from service.domain.models import Session, Task, TaskStatus, Todo, TodoStatus
+from tests.redis_server import RedisServer, redis_server
 
 RETENTION = 500
 """Small enough that a test can overflow it, large enough for the other tests; every backend is built with it."""
@@ -82,17 +86,43 @@ async def sqlite_backend(tmp_path: Path) -> Backend:
     return Backend(log, store, [log.close, store.close, db.close], reopener=lambda: sqlite_backend(tmp_path))
 
 
+async def redis_backend(url: str) -> Backend:
+    """The Redis adapters on a real redis-server (one per test module, emptied before each test)."""
+    redis = connect(url)
+    reader = connect(url, blocking=True)
+    bus = ControlBus(redis)
+    bus.start()
+    log = RedisEventLog(redis, reader, bus, "contract", retention=RETENTION, ttl_seconds=3600, backlog_limit=100)
+    log.start()
+    store = RedisSessionStore(redis)
+    return Backend(log, store, [log.close, store.close, bus.close, reader.aclose, redis.aclose],
+                   reopener=lambda: redis_backend(url))
+
+
+@pytest.fixture(scope="module")
+def contract_redis() -> Iterator[RedisServer]:
+    with redis_server(persistent=False) as server:
+        yield server
+
+
 BACKENDS = [
     pytest.param(memory_backend, id="memory"),
     pytest.param(sqlite_backend, id="sqlite"),
-    # pytest.param(redis_backend, id="redis", marks=needs_redis),  <- a new backend joins the whole suite here
+    pytest.param(redis_backend, id="redis"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    factory: BackendFactory = request.param
-    opened = await factory(tmp_path)
+    if request.param is redis_backend:
+        server: RedisServer = request.getfixturevalue("contract_redis")
+        flush = connect(server.url)
+        await flush.flushall()
+        await flush.aclose()
+        opened = await redis_backend(server.url)
+    else:
+        factory: BackendFactory = request.param
+        opened = await factory(tmp_path)
     try:
         yield opened
     finally:
@@ -105,6 +135,24 @@ def thinking(session_id: str, n: int = 0, task_id: str = "t1") -> Thinking:
 
 def ids(events: list[StoredEvent]) -> list[int]:
     return [event.id for event in events]
+
+
+async def subscribed(log: EventLog, session_id: str, buffer_size: int) -> Subscription:
+    """A subscription that live events reach (``ready``: at once in-process, a round trip with Redis)."""
+    subscription = log.subscribe(session_id, buffer_size)
+    await subscription.ready()
+    return subscription
+
+
+async def take(subscription: Subscription, count: int) -> list[StoredEvent]:
+    """The next ``count`` live events, however the log batches them (one replica's reader may split them)."""
+    taken: list[StoredEvent] = []
+    async with asyncio.timeout(5):
+        while len(taken) < count:
+            batch = await subscription.next_batch()
+            assert batch, f"the subscription closed ({subscription.close_reason}) after {len(taken)} events"
+            taken += batch
+    return taken
 
 
 # --- EventLog -----------------------------------------------------------------------------------------------------
@@ -158,13 +206,13 @@ async def test_an_appended_event_is_readable_at_once(backend: Backend) -> None:
 
 
 async def test_subscribers_get_their_session_live(backend: Backend) -> None:
-    mine = backend.log.subscribe("s1", 10)
-    other = backend.log.subscribe("s2", 10)
+    mine = await subscribed(backend.log, "s1", 10)
+    other = await subscribed(backend.log, "s2", 10)
     first = await backend.log.append(thinking("s1", 1))
     await backend.log.append(thinking("s2", 2))
     second = await backend.log.append(thinking("s1", 3))
-    assert await mine.next_batch() == [first, second]
-    assert len(await other.next_batch()) == 1
+    assert await take(mine, 2) == [first, second]
+    assert len(await take(other, 1)) == 1
     mine.close()
     other.close()
 
@@ -195,7 +243,7 @@ async def test_subscribe_then_replay_has_no_gap_and_no_duplicate_while_appends_r
 
     writing = asyncio.create_task(writer())
     await started.wait()
-    subscription = log.subscribe("s1", 10 * total)
+    subscription = await subscribed(log, "s1", 10 * total)
     seen: list[int] = []
     last = 0
     while True:  # the replay, in pages, as a reconnecting reader does it, while the writer goes on
@@ -218,7 +266,7 @@ async def test_subscribe_then_replay_has_no_gap_and_no_duplicate_while_appends_r
 
 
 async def test_close_subscriptions_ends_every_reader(backend: Backend) -> None:
-    subscription = backend.log.subscribe("s1", 10)
+    subscription = await subscribed(backend.log, "s1", 10)
     reader = asyncio.create_task(subscription.next_batch())
     await asyncio.sleep(0)
     backend.log.close_subscriptions("draining")
@@ -227,8 +275,13 @@ async def test_close_subscriptions_ends_every_reader(backend: Backend) -> None:
 
 
 async def test_a_slow_subscriber_is_cut_off_and_recovers_from_the_log(backend: Backend) -> None:
-    subscription = backend.log.subscribe("s1", 3)
+    subscription = await subscribed(backend.log, "s1", 3)
     appended = [await backend.log.append(thinking("s1", n)) for n in range(5)]
+    async with asyncio.timeout(5):  # a replica's reader hands them on a moment later
+        while True:
+            if subscription.close_reason is not None:
+                break
+            await asyncio.sleep(0.01)
     assert subscription.close_reason == "slow_client"
     assert subscription.dropped == 4
     assert await subscription.next_batch() == []

@@ -76,6 +76,9 @@ class BufferedSubscription:
         """Events waiting for the reader."""
         return len(self._pending)
 
+    async def ready(self) -> None:
+        """In-process delivery starts at ``subscribe``: nothing to wait for."""
+
     async def next_batch(self) -> list[StoredEvent]:
         if not self._pending and not self._closed:
             if self._waiter is not None:

@@ -37,7 +37,7 @@ SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
 STALLED = "stalled"
 CLIENT_GONE = "client_gone"
-_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted"})
+_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable"})
 
 
 class SessionStreamResponse(EventSourceResponse):
