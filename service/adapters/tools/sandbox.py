@@ -17,11 +17,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from service.config import Settings
+
+log = structlog.get_logger("service.sandbox")
 
 NOBODY = (65534, 65534)
 _MB = 1024 * 1024
@@ -91,6 +96,23 @@ class Sandbox:
             os.chown(path, *self.user, follow_symlinks=False)
 
 
+BWRAP_PROBE_SECONDS = 5.0
+
+
+def bwrap_failure(bwrap: str) -> str | None:
+    """Why ``bwrap`` cannot build the sandbox's namespaces on this machine (its first error line), or None."""
+    probe = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",  # noqa: S108
+             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--", "true"]
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=BWRAP_PROBE_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if done.returncode == 0:
+        return None
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[0] if lines else f"exit status {done.returncode}"
+
+
 def _user(setting: str) -> tuple[int, int] | None:
     if setting == "none":
         return None
@@ -124,6 +146,14 @@ def sandbox_from_settings(settings: Settings) -> Sandbox:
     bwrap = shutil.which("bwrap") if settings.sandbox_bwrap != "off" else None
     if settings.sandbox_bwrap == "on" and bwrap is None:
         raise SandboxUnavailable("ALEX_SANDBOX_BWRAP=on but bwrap (bubblewrap) is not installed")
+    if bwrap is not None:
+        failure = bwrap_failure(bwrap)
+        if failure is not None and settings.sandbox_bwrap == "on":
+            raise SandboxUnavailable(f"ALEX_SANDBOX_BWRAP=on but bwrap cannot make its namespaces here: {failure}")
+        if failure is not None:
+            # A restricted pod (no user namespaces, no /proc mount): every command would fail inside bwrap.
+            log.warning("bash_sandbox_weak", reason=failure, bwrap="unusable: commands run without namespaces")
+            bwrap = None
     user = _user(settings.sandbox_user)
     setpriv = shutil.which("setpriv")
     if user is not None and setpriv is None:
