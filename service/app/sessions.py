@@ -22,21 +22,22 @@ class LocalClientStreams:
     """``ClientStreams`` within one process."""
 
     def __init__(self) -> None:
-        self._open: dict[str, int] = {}
+        self._open: dict[str, set[str]] = {}
 
     async def acquire(self, subject: str, stream_id: str, limit: int) -> None:
-        count = self._open.get(subject, 0)
-        if count >= limit:
-            raise LimitExceeded(f"{count} streams are open for this client (ALEX_MAX_STREAMS_PER_CLIENT)",
+        streams = self._open.setdefault(subject, set())
+        if len(streams) >= limit:
+            raise LimitExceeded(f"{len(streams)} streams are open for this client (ALEX_MAX_STREAMS_PER_CLIENT)",
                                 retry_after=5)
-        self._open[subject] = count + 1
+        streams.add(stream_id)
 
     def release(self, subject: str, stream_id: str) -> None:
-        count = self._open.get(subject, 0)
-        if count > 1:
-            self._open[subject] = count - 1
-        else:
-            self._open.pop(subject, None)
+        streams = self._open.get(subject)
+        if streams is None:
+            return
+        streams.discard(stream_id)
+        if not streams:
+            del self._open[subject]
 
 
 class StreamQuota:
