@@ -60,6 +60,8 @@ def confined(argv: list[str], writable: list[Path]) -> list[str]:
     if bwrap is None:
         raise RuntimeError("bwrap is not installed: run `make system-deps` (Debian package bubblewrap)")
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # The checkout (its .venv is the image's) stays visible when it lies under /tmp, as a CI clone may.
+    command += ["--ro-bind", str(ROOT), str(ROOT)]
     for folder in writable:
         command += ["--bind", str(folder), str(folder)]
     return [*command, "--cap-drop", "ALL", "--die-with-parent", "--", *argv]
