@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from service.adapters.redis.client import connect
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -100,3 +102,13 @@ def redis_server(*, persistent: bool = True) -> Iterator[RedisServer]:
     finally:
         server.kill()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def emptied(server: RedisServer) -> str:
+    """The server, emptied of every key (a module's Redis between two tests): its URL."""
+    client = connect(server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    return server.url

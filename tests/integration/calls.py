@@ -63,3 +63,18 @@ async def count_until_terminal(messages: AsyncGenerator[SseMessage, None]) -> in
             if message.event in TERMINAL:
                 break
     return received
+
+
+async def stored_events(client: httpx.AsyncClient, session_id: str, page_size: int = 200) -> list[dict[str, Any]]:
+    """Every stored event of the session, paging through ``after``."""
+    events: list[dict[str, Any]] = []
+    after = "0"
+    while True:
+        response = await client.get(f"/api/sessions/{session_id}/events",
+                                    params={"after": after, "limit": page_size})
+        assert response.status_code == 200, response.text
+        page = response.json()
+        events.extend(page["events"])
+        if page["next_after"] is None:
+            return events
+        after = page["next_after"]

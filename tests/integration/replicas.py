@@ -202,18 +202,6 @@ def check_ids(events: list[dict[str, Any]]) -> list[int]:
     return ids
 
 
-async def stored_events(client: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
-    """Every stored event of the session, paging through ``after``."""
-    events: list[dict[str, Any]] = []
-    after = "0"
-    while True:
-        response = await client.get(f"/api/sessions/{session_id}/events", params={"after": after, "limit": 200})
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events.extend(page["events"])
-        if page["next_after"] is None:
-            return events
-        after = page["next_after"]
 
 
 async def task_status(client: httpx.AsyncClient, task_id: str) -> str:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
-import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,11 +16,11 @@ import jwt
 import pytest
 
 from tests.integration.calls import open_stream
-from tests.integration.server import SECRET, ServerProcess, auth, data_folder, free_port, token
+from tests.integration.server import SECRET, ServerProcess, auth, data_folder, token
+from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
-REDIS_SERVER = Path("/usr/bin/redis-server")
 STREAM_TIMEOUT = 20.0
 
 
@@ -214,33 +211,10 @@ async def test_a_second_running_task_is_429_until_the_first_stops(capped: Server
 
 
 
-def redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    if not REDIS_SERVER.exists():
-        pytest.skip(f"{REDIS_SERVER} is not installed (apt-get install redis-server); the shared-limit test needs it")
-    port = free_port()
-    process = subprocess.Popen([str(REDIS_SERVER), "--port", str(port), "--save", "", "--appendonly", "no",
-                                "--bind", "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not redis_answers(port):
-            assert process.poll() is None, "redis-server exited at start"
-            assert time.monotonic() < deadline, "redis-server never answered PING"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.kill()
-        process.wait(10)
+def redis_url() -> Iterator[str]:
+    with redis_server(persistent=False) as server:
+        yield server.url
 
 
 def start_or_xfail(process: ServerProcess) -> ServerProcess:

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from service.client import SseMessage
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit, wait_finished
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, stored_events, submit, wait_finished
 from tests.integration.replicas import (
     LEASE_SECONDS,
     Cluster,
@@ -41,7 +41,6 @@ from tests.integration.replicas import (
     loop_command,
     read_to_end,
     session_name,
-    stored_events,
     subject,
     take,
     take_until_terminal,

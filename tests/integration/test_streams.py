@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.client import SseMessage
-from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, submit
+from tests.integration.calls import STREAM_TIMEOUT, TERMINAL, open_stream, stored_events, submit
 from tests.integration.server import ServerProcess, auth, running, token
 
 pytestmark = pytest.mark.integration
@@ -56,18 +56,6 @@ async def take(messages: AsyncIterator[SseMessage], count: int | None = None,
     return events
 
 
-async def stored_events(client: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
-    """Every stored event of the session, paging through ``after``."""
-    events: list[dict[str, Any]] = []
-    after = "0"
-    while True:
-        response = await client.get(f"/api/sessions/{session_id}/events", params={"after": after, "limit": 50})
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events.extend(page["events"])
-        if page["next_after"] is None:
-            return events
-        after = page["next_after"]
 
 
 def check_problem(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -122,7 +110,7 @@ async def test_reconnecting_with_last_event_id_misses_nothing_and_repeats_nothin
         await asyncio.sleep(0.2)
         async with open_stream(client, session_id, params={"last_event_id": second[-1]["id"]}) as stream:
             third = await take(stream, until_task=task_id)
-        stored = await stored_events(client, session_id)
+        stored = await stored_events(client, session_id, page_size=50)
 
     for part in (first, second):
         assert not {e["event_type"] for e in part} & TERMINAL, "the task ended before the reconnect: too fast"

@@ -25,7 +25,7 @@ from service.adapters.store.memory import MemorySessionStore
 from service.app.ports import SessionStore, TaskBoard
 from service.domain.errors import Conflict, LimitExceeded
 from service.domain.models import Task, TaskStatus
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, emptied, redis_server
 
 LEASE_SECONDS = 1.0
 INTERRUPTED = "gone"
@@ -106,13 +106,6 @@ def board_redis() -> Iterator[RedisServer]:
     with redis_server(persistent=False) as server:
         yield server
 
-
-async def emptied(server: RedisServer) -> str:
-    """The module's Redis, emptied: its URL."""
-    flush = connect(server.url)
-    await flush.flushall()
-    await flush.aclose()
-    return server.url
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from service.adapters.redis.limits import RedisClientStreams
 from service.app.ports import ClientStreams
 from service.app.sessions import LocalClientStreams
 from service.domain.errors import LimitExceeded
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, emptied, redis_server
 
 LIMIT = 3
 
@@ -28,12 +28,6 @@ def streams_redis() -> Iterator[RedisServer]:
     with redis_server(persistent=False) as server:
         yield server
 
-
-async def emptied(server: RedisServer) -> str:
-    flush = connect(server.url)
-    await flush.flushall()
-    await flush.aclose()
-    return server.url
 
 
 class Counters:

@@ -30,7 +30,7 @@ from service.app.ports import EventLog, SessionStore, Subscription
 from service.domain.errors import Unavailable
 from service.domain.events import StoredEvent, Thinking, ToolCallStart
 from service.domain.models import Session, Task, TaskStatus, Todo, TodoStatus
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, emptied, redis_server
 
 RETENTION = 500
 """Small enough that a test can overflow it, large enough for the other tests; every backend is built with it."""
@@ -116,10 +116,7 @@ BACKENDS = [
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param is redis_backend:
         server: RedisServer = request.getfixturevalue("contract_redis")
-        flush = connect(server.url)
-        await flush.flushall()
-        await flush.aclose()
-        opened = await redis_backend(server.url)
+        opened = await redis_backend(await emptied(server))
     else:
         factory: BackendFactory = request.param
         opened = await factory(tmp_path)
