@@ -1,0 +1,1 @@
+"""Benchmarks and load tests of alex-server: see loadtests/README.md."""
