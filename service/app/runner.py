@@ -171,13 +171,20 @@ class TaskRunner:
         trace_id, trace_context = task_trace()
         task = Task(id=new_task_id(), session_id=session_id, owner=principal.subject, text=text, trace_id=trace_id)
         await self._board.reserve(task, self._max_tasks_per_client)
+        stored = False
         try:
             await claim_session(self._store, principal, session_id)
             await self._store.create_task(task)
+            stored = True
             await self._board.enqueue(task)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await self._board.release(task)
+            if stored:  # the caller gets an error, so no queued task may stay behind under this id
+                task.status, task.finished_at = TaskStatus.FAILED, utc_now()
+                task.error = f"not queued: {exc}" if str(exc) else "not queued"
+                with contextlib.suppress(Exception):
+                    await self._store.update_task(task)
             raise
         # The request's context (its log fields: request id, subject) goes with the task if it runs here.
         self._contexts[task.id] = (trace_context, contextvars.copy_context())
@@ -330,11 +337,14 @@ class TaskRunner:
         worker, self._worker = self._worker, None
         if worker is not None:
             # It stops by itself once the board stops taking (a read of a shared queue ends within a second).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(worker), timeout=WORKER_STOP_SECONDS)
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await asyncio.wait([worker], timeout=WORKER_STOP_SECONDS)
+            # Cancelled again until it ends: on Python 3.11 a cancel can be lost inside a client library's
+            # asyncio.wait_for (CPython issue #86296).
+            while not worker.done():
+                worker.cancel()
+                await asyncio.wait([worker], timeout=1.0)
+            if not worker.cancelled() and worker.exception() is not None:
+                log.error("task_worker_failed", error=repr(worker.exception()))
         jobs = [h.job for h in self._handles.values() if h.job is not None]
         if jobs and grace_seconds > 0:
             log.info("drain_waiting_for_tasks", tasks=len(jobs), grace_seconds=grace_seconds)

@@ -63,16 +63,6 @@ class Board:
             await close()
 
 
-async def close_board(board: RedisTaskBoard) -> None:
-    """``board.close()``, with a second cancel for a lease loop that lost the first.
-
-    On Python 3.11 a cancel that lands while redis-py sends a command can be lost (redis-py sends through
-    ``asyncio.wait_for``: CPython issue #86296, fixed in 3.12); the board's lease loops then go on and ``close``
-    waits for them forever. The timeout's cancel reaches the loop ``close`` is waiting for and ends it.
-    """
-    await asyncio.wait_for(board.close(), 2)
-
-
 async def local_board(url: str | None) -> Board:
     board = LocalTaskBoard()
     store = MemorySessionStore()
@@ -92,7 +82,7 @@ async def redis_board(url: str | None, replica: str = "r1", *, lease_seconds: fl
     board = RedisTaskBoard(redis, blocking, bus, replica, lease_seconds=lease_seconds, interrupted_reason=INTERRUPTED)
     store = RedisSessionStore(redis)
     opened = Board(board, store, shared=True, empty_take_seconds=TAKE_BLOCK_MS / 1000 + 0.5,
-                   closers=[lambda: close_board(board), bus.close, store.close, blocking.aclose, redis.aclose])
+                   closers=[board.close, bus.close, store.close, blocking.aclose, redis.aclose])
     opened.bind()
     if control:
         bus.start()
@@ -373,7 +363,7 @@ async def test_a_dead_replicas_task_is_declared_interrupted_by_another(
     made = await submit(r1, "t1", cap=1)
     assert await r1.board.take(10) == ["t1"]
     assert isinstance(r1.board, RedisTaskBoard)
-    await close_board(r1.board)  # r1 dies: it stops renewing, and never releases
+    await r1.board.close()  # r1 dies: it stops renewing, and never releases
     await eventually(lambda: r2.reaped == ["t1"], 3 * LEASE_SECONDS, "the task was never reaped")
     stored = await r2.store.get_task("t1")
     assert stored is not None

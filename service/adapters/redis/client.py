@@ -143,6 +143,24 @@ class Keys:
 
 Handler = Callable[[dict[str, Any]], None]
 
+STOP_WAIT_SECONDS = 1.0
+
+
+async def stop(job: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop and wait for it to end, cancelling again if a cancel was lost.
+
+    On Python 3.11 a cancel that lands while redis-py sends a command can be swallowed by the ``asyncio.wait_for``
+    it sends through (CPython issue #86296, fixed in 3.12): the loop then goes on, and a plain ``await`` after one
+    ``cancel`` would wait for ever, hanging the server's shutdown.
+    """
+    if job is None:
+        return
+    while not job.done():
+        job.cancel()
+        await asyncio.wait([job], timeout=STOP_WAIT_SECONDS)
+    if not job.cancelled() and job.exception() is not None:
+        log.warning("background_loop_failed", loop=job.get_name(), error=repr(job.exception()))
+
 
 class ControlBus:
     """One pub/sub connection per replica for the messages replicas send each other (cancel a task, a session was
@@ -173,10 +191,7 @@ class ControlBus:
 
     async def close(self) -> None:
         job, self._job = self._job, None
-        if job is not None:
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+        await stop(job)
 
     async def _listen(self) -> None:
         lost = False

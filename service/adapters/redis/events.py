@@ -30,7 +30,7 @@ import structlog
 from redis.asyncio import Redis
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
-from service.adapters.redis.client import BLOCK_SECONDS, UNREACHABLE, ControlBus, Keys, reachable
+from service.adapters.redis.client import BLOCK_SECONDS, UNREACHABLE, ControlBus, Keys, reachable, stop
 from service.domain.errors import Unavailable
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent, encode_json
 
@@ -304,18 +304,12 @@ class RedisEventLog:
             self._closing = True
             with contextlib.suppress(*UNREACHABLE, Unavailable):
                 await self._wake()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(job), timeout=1.0)
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+            await asyncio.wait([job], timeout=1.0)
+            await stop(job)
         flusher = self._flusher
         if flusher is not None and not flusher.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(flusher), timeout=2.0)
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            await asyncio.wait([flusher], timeout=2.0)
+            await stop(flusher)
         if self._backlog:
             log.error("events_lost", count=len(self._backlog), reason="Redis was unavailable at shutdown")
         self._broker.close_all("closed")

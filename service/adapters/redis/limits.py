@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from service.adapters.redis.client import UNREACHABLE, Keys, reachable
+from service.adapters.redis.client import UNREACHABLE, Keys, reachable, stop
 from service.domain.errors import LimitExceeded
 
 log = structlog.get_logger("service.redis.limits")
@@ -90,10 +90,7 @@ class RedisClientStreams:
 
     async def close(self) -> None:
         refresher, self._refresher = self._refresher, None
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+        await stop(refresher)
         for job in list(self._jobs):
             with contextlib.suppress(Exception):
                 await job

@@ -30,9 +30,9 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from service.adapters.redis.client import UNREACHABLE, ControlBus, Keys, reachable
+from service.adapters.redis.client import UNREACHABLE, ControlBus, Keys, reachable, stop
 from service.adapters.store.sqlite import to_db_time
-from service.domain.errors import Conflict, LimitExceeded
+from service.domain.errors import Conflict, LimitExceeded, Unavailable
 from service.domain.events import encode_json, utc_now
 from service.domain.models import Task, TaskStatus
 
@@ -60,7 +60,8 @@ return {2, ''}
 
 _ENQUEUE = """
 -- KEYS: session active, owner active, queue; ARGV: task id
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PERSIST', KEYS[1]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end  -- the reservation lapsed
+redis.call('PERSIST', KEYS[1])
 redis.call('ZADD', KEYS[2], '+inf', ARGV[1])
 return redis.call('XADD', KEYS[3], '*', 'task', ARGV[1])
 """
@@ -187,8 +188,10 @@ class RedisTaskBoard:
     async def enqueue(self, task: Task) -> None:
         k = self._keys
         with reachable("queue the task"):
-            await self._enqueue(keys=[k.session_active(task.session_id), k.owner_active(task.owner), k.queue],
-                                args=[task.id])
+            queued = await self._enqueue(keys=[k.session_active(task.session_id), k.owner_active(task.owner),
+                                               k.queue], args=[task.id])
+        if queued is None:
+            raise Unavailable(f"task {task.id} waited too long to be queued (its reservation lapsed); submit again")
 
     # --- taking -------------------------------------------------------------------------------------------------
 
@@ -345,10 +348,7 @@ class RedisTaskBoard:
         self.stop_taking()
         jobs, self._jobs = self._jobs, []
         for job in jobs:
-            job.cancel()
-        for job in jobs:
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
+            await stop(job)
 
 
 def _now_text() -> str:
