@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
+import gc
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import uvicorn
 from service import __version__
 from service.adapters.llm.mock import MockChatModel
 from service.adapters.tools.sandbox import SandboxUnavailable, sandbox_from_settings
+from service.api.stream_host import StreamHost
 from service.app.access import DEFAULT_SCOPES, SCOPES
 from service.config import ConfigError, Settings, load_settings
 from service.main import create_app
@@ -31,6 +33,23 @@ log = structlog.get_logger("service.cli")
 PR_SET_DUMPABLE = 4
 SHUTDOWN_STREAMS_SECONDS = 3.0
 """How long uvicorn waits for open connections after SIGTERM; streams are closed by the drain well before."""
+HAND_OFF_STREAMS = False
+"""Whether event streams leave the framework once open (:class:`~service.api.stream_host.StreamHost`): a third of their
+memory. Off until the request telemetry closes a handed-off stream's account (log line, span, request count) at
+the stream's end, from ``Handoff.on_end``, as it does for a stream that runs inside the framework."""
+THREAD_SWITCH_SECONDS = 0.0005
+"""How long a thread may hold the GIL while another waits for it (Python's default is 5 ms). The database and the
+tools' file work run in helper threads whose results the event loop waits for: with the default, a query finished
+while the loop is busy can wait 5 ms to hand its result back, and a task does dozens of them."""
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The cyclic garbage collector's thresholds (Python's default: 700, 10, 10). Thousands of open streams are hundreds
+of thousands of long-lived objects, and every event makes short-lived ones (futures, batches, messages): with the
+defaults, collections of the older generations walk all the streams' objects again and again, and at 5,000
+streams they took half the CPU and held the loop for hundreds of milliseconds at a time. Cycles are still
+collected, tens of thousands of allocations later."""
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues before uvicorn accepts them: after a deploy, every client of a replica
+reconnects at once (the kernel caps it at ``net.core.somaxconn``)."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -41,7 +60,8 @@ class DrainingServer(uvicorn.Server):
     """
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        container = getattr(getattr(self.config.app, "state", None), "container", None)
+        app = self.config.app.app if isinstance(self.config.app, StreamHost) else self.config.app
+        container = getattr(getattr(app, "state", None), "container", None)
         if container is not None:
             # A signal handler runs in whatever context it interrupted: drain in an empty one, so that its log
             # lines do not carry an unrelated request's or task's ids.
@@ -50,6 +70,9 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
+        # What exists once the application has started (modules, the app, the container) lives as long as the
+        # process: no collection needs to walk it again.
+        gc.freeze()
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -65,6 +88,13 @@ def harden_process() -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def prepare_process() -> None:
+    """What ``serve`` sets up for the whole process before the application starts."""
+    harden_process()
+    sys.setswitchinterval(THREAD_SWITCH_SECONDS)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def preflight(settings: Settings) -> str | None:
@@ -85,21 +115,30 @@ def serve(settings: Settings) -> int:
     if problem is not None:
         print(f"alex-server: configuration error: {problem}", file=sys.stderr)
         return 2
-    harden_process()
+    prepare_process()
     configure_logging(settings.resolved_log_format, settings.log_level)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+    DrainingServer(server_config(create_app(settings), settings)).run()
+    return 0
+
+
+def server_config(app: Any, settings: Settings, *, hand_off_streams: bool = HAND_OFF_STREAMS) -> uvicorn.Config:
+    """How uvicorn serves the application: uvloop and httptools (the C event loop and HTTP parser, both from
+    ``uvicorn[standard]``: every stream write and request parse goes through them), event streams writing their
+    frames straight to the server (:class:`~service.api.stream_host.StreamHost`), no access log of its own (the
+    service logs each request), and a listen backlog deep enough for thousands of streams reconnecting at once."""
+    return uvicorn.Config(
+        StreamHost(app, hand_off=hand_off_streams),
         host=settings.host,
         port=settings.port,
+        loop="uvloop",
+        http="httptools",
         lifespan="on",
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(SHUTDOWN_STREAMS_SECONDS),
         server_header=False,
+        backlog=LISTEN_BACKLOG,
     )
-    DrainingServer(config).run()
-    return 0
 
 
 def _external_keys(settings: Settings) -> bool:

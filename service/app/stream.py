@@ -7,7 +7,7 @@ other (or both: the live copy of a replayed event is skipped by id). No gap, no 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from service.app.ports import EventLog
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
@@ -84,26 +84,46 @@ class SessionFeed:
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)
 
+    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` when half of the live buffer is pending; False when the subscription cannot tell (an
+        adapter without the hook): the reader must then take every batch as soon as it can."""
+        hook = getattr(self._subscription, "notify_when_filling", None)
+        if hook is None:
+            return False
+        hook(callback)
+        return True
+
+    async def next(self) -> list[StoredEvent]:
+        """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every
+        live one pending (waiting for one); ``[]`` once the feed has ended.
+
+        Once :attr:`live` is true, a call only waits for live events: cancelling it then loses nothing (they stay
+        pending for the next call).
+        """
+        if not self.live:
+            page = await self._log.read_after(self._session_id, self.last_id, REPLAY_PAGE)
+            if len(page) < REPLAY_PAGE:
+                self.live = True
+            if page:
+                self.last_id = page[-1].id
+                self.replayed += len(page)
+                return page
+        while True:
+            batch = await self._subscription.next_batch()
+            if not batch:
+                return batch
+            last = self.last_id
+            # A live copy of an event the replay already gave is skipped by id.
+            fresh = batch if batch[0].id > last else [e for e in batch if e.id > last]
+            if fresh:
+                self.last_id = fresh[-1].id
+                self.delivered += len(fresh)
+                return fresh
+
     async def batches(self) -> AsyncGenerator[list[StoredEvent], None]:
+        """:meth:`next` until the feed ends, as an iterator; closing it closes the feed."""
         try:
-            while True:
-                page = await self._log.read_after(self._session_id, self.last_id, REPLAY_PAGE)
-                if page:
-                    self.last_id = page[-1].id
-                    self.replayed += len(page)
-                    yield page
-                if len(page) < REPLAY_PAGE:
-                    break
-            self.live = True
-            while True:
-                batch = await self._subscription.next_batch()
-                if not batch:
-                    return
-                last = self.last_id
-                fresh = batch if batch[0].id > last else [e for e in batch if e.id > last]
-                if fresh:
-                    self.last_id = fresh[-1].id
-                    self.delivered += len(fresh)
-                    yield fresh
+            while batch := await self.next():
+                yield batch
         finally:
             self._subscription.close("client_gone" if self.close_reason is None else self.close_reason)

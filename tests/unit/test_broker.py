@@ -197,3 +197,38 @@ async def test_many_subscribers_one_overflowing_does_not_disturb_the_others() ->
     assert broker.subscriber_count("s1") == len(large)
     for subscription in large:
         assert ids(await subscription.next_batch()) == list(range(1, 11))
+
+
+async def test_a_reader_that_asked_hears_when_half_its_buffer_is_pending() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    heard: list[int] = []
+    subscription.notify_when_filling(lambda: heard.append(subscription.pending))
+    for event_id in range(1, 5):
+        broker.publish(stored(event_id))
+    assert heard == []
+    broker.publish(stored(5))
+    assert heard == [5]
+    broker.publish(stored(6))
+    assert heard == [5], "once per crossing, not once per event"
+    assert ids(await subscription.next_batch()) == [1, 2, 3, 4, 5, 6]
+    for event_id in range(7, 12):
+        broker.publish(stored(event_id))
+    assert heard == [5, 5], "and again once the reader took the batch and it fills up anew"
+    subscription.notify_when_filling(None)
+    await subscription.next_batch()
+    for event_id in range(12, 17):
+        broker.publish(stored(event_id))
+    assert heard == [5, 5]
+
+
+async def test_a_parked_reader_is_woken_not_notified() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 2)
+    heard: list[int] = []
+    subscription.notify_when_filling(lambda: heard.append(subscription.pending))
+    reader = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    broker.publish(stored(1))  # half of two, but the reader is waiting: the wake-up is enough
+    assert ids(await asyncio.wait_for(reader, 1)) == [1]
+    assert heard == []

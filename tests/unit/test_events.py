@@ -171,3 +171,26 @@ def test_a_new_event_is_stamped_now_in_utc() -> None:
     assert before <= event.timestamp <= after
     assert event.timestamp.utcoffset() == timedelta(0)
     assert TIMESTAMP.match(event.to_dict("1")["timestamp"])
+
+
+def test_encoding_is_the_same_whatever_the_order_of_calls() -> None:
+    """The field names are looked up once per type; two types encoded in turn keep their own fields."""
+    started = ToolCallStart(session_id="s", task_id="t", iteration=1, tool_name="bash", call_id="c1",
+                            arguments={"command": "ls"})
+    delta = Thinking(session_id="s", task_id="t", iteration=1, delta="hi")
+    for _ in range(2):
+        assert set(StoredEvent.encode(1, started).to_dict()) == {
+            "event_type", "id", "session_id", "task_id", "timestamp", "trace_id", "iteration", "tool_name", "call_id",
+            "arguments"}
+        assert set(StoredEvent.encode(2, delta).to_dict()) == {
+            "event_type", "id", "session_id", "task_id", "timestamp", "trace_id", "iteration", "delta"}
+
+
+@pytest.mark.parametrize(("moment", "text"), [
+    (datetime(2025, 10, 2, 10, 0, 0, 123456, tzinfo=UTC), "2025-10-02T10:00:00.123Z"),
+    (datetime(2025, 10, 2, 10, 0, 0), "2025-10-02T10:00:00.000Z"),
+    (datetime(2025, 10, 2, 12, 0, 0, 999999, tzinfo=timezone(timedelta(hours=2))), "2025-10-02T10:00:00.999Z"),
+    (datetime(2025, 12, 31, 23, 59, 59, 1000, tzinfo=UTC), "2025-12-31T23:59:59.001Z"),
+])
+def test_timestamps_of_any_zone_come_out_in_utc(moment: datetime, text: str) -> None:
+    assert format_timestamp(moment) == text

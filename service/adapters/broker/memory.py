@@ -37,10 +37,14 @@ class BufferedSubscription:
 
     Either way the subscription leaves its broker, so no further event reaches it. One reader at a time: a second
     concurrent ``next_batch`` raises ``RuntimeError``.
+
+    A reader that takes its events in batches on purpose (a stream pacing its writes under load) can ask to hear
+    when half the buffer is pending (:meth:`notify_when_filling`), so that pacing never turns a reader that keeps
+    up into one cut off as slow.
     """
 
-    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_on_close", "_pending", "_waiter",
-                 "session_id")
+    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_on_close", "_on_filling",
+                 "_pending", "_waiter", "session_id")
 
     def __init__(self, session_id: str, buffer_size: int,
                  on_close: Callable[[BufferedSubscription], None] | None = None) -> None:
@@ -56,6 +60,8 @@ class BufferedSubscription:
         self._closed = False
         self._close_reason: str | None = None
         self._dropped = 0
+        self._on_filling: Callable[[], None] | None = None
+        self._filling_at = max(1, buffer_size // 2)
 
     @property
     def close_reason(self) -> str | None:
@@ -92,6 +98,10 @@ class BufferedSubscription:
         batch, self._pending = self._pending, []
         return batch
 
+    def notify_when_filling(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` each time half of the buffer is pending (None: stop)."""
+        self._on_filling = callback
+
     def close(self, reason: str = "closed") -> None:
         """Stop receiving events; pending ones stay readable (see the class docstring). Idempotent."""
         if self._mark_closed(reason) and self._on_close is not None:
@@ -112,6 +122,8 @@ class BufferedSubscription:
         # Only the first event after the reader parked costs a wake-up; later ones find the future done.
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        elif len(pending) == self._filling_at and self._on_filling is not None:
+            self._on_filling()
         return True
 
     def _mark_closed(self, reason: str) -> bool:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Annotated, Protocol
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Receive, Scope, Send
 
 from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
 from service.api.problems import ApiError, problem_responses
+from service.api.sse import STALLED, EventStreamResponse, WritePacer
 from service.api.telemetry import request_started
 from service.app.access import Principal
 from service.app.sessions import SessionService, StreamsFull
@@ -35,32 +33,12 @@ log = structlog.get_logger("service.sse")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
-STALLED = "stalled"
 CLIENT_GONE = "client_gone"
 _SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable"})
 
 
-class SessionStreamResponse(EventSourceResponse):
-    """The event stream; a client that stops reading for good ends it quietly.
-
-    Such a client has already been cut off (``slow_client``) or simply never reads again; sse-starlette's send
-    timeout then raises, which is the expected end of that stream, not a server failure. The server drops the
-    connection (uvicorn notes once that the response was left unfinished).
-    """
-
-    def __init__(self, stream: _Stream, **kwargs: Any) -> None:
-        super().__init__(stream.frames(), **kwargs)
-        self._stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        reason: str | None = None
-        try:
-            await super().__call__(scope, receive, send)
-        except* SendTimeoutError:
-            # Both the data and the heartbeat writes may time out at once: a group of two, not collapsed.
-            reason = STALLED
-        finally:
-            self._stream.finish(reason)
+class SessionStreamResponse(EventStreamResponse):
+    """The event stream of one session (see :class:`~service.api.sse.EventStreamResponse`)."""
 
 
 class FrameRenderer(Protocol):
@@ -81,7 +59,8 @@ class FrameRenderer(Protocol):
 
 
 class _Stream:
-    """One client's stream: its frames, and the account of it (metrics and one log line) when it ends."""
+    """One client's stream (a :class:`~service.api.sse.FrameSource`): its writes, and the account of it (metrics
+    and one log line) when it ends."""
 
     def __init__(self, sessions: SessionService, principal: Principal, feed: SessionFeed, session_id: str,
                  metrics: Metrics, arrived: float, renderer: FrameRenderer | None = None) -> None:
@@ -93,44 +72,79 @@ class _Stream:
         self._arrived = arrived
         self._renderer = renderer
         self._opened = time.monotonic()
-        self._in_flight = 0
+        self._batch: list[StoredEvent] = []
+        self._size = 0
+        self._events = 0
+        self._waited = 0.0
+        self._rendering = False
         self._finished = False
         metrics.sse_connections_opened.inc()
         metrics.sse_connections_active.inc()
 
-    async def frames(self) -> AsyncIterator[bytes]:
-        feed, metrics, renderer = self._feed, self._metrics, self._renderer
-        bytes_sent = metrics.sse_bytes_sent
-        try:
-            yield connected_frame(self._session_id) if renderer is None else renderer.opening()
-            metrics.sse_time_to_first_event.observe(time.monotonic() - self._arrived)
-            async for batch in feed.batches():
-                if renderer is not None:
-                    frame = await renderer.render(batch)
-                else:
-                    frame = b"".join(event.frame for event in batch) if len(batch) > 1 else batch[0].frame
-                self._in_flight = len(batch)
-                yield frame
-                self._in_flight = 0
-                # One latency sample per write, of its oldest event: the write's worst case, at one observation
-                # however many events the write carried (a per-event sample would cost more than the write).
-                first = batch[0]
-                if feed.live and first.appended_at:
-                    metrics.sse_delivery_latency.observe(max(0.0, time.time() - first.appended_at))
-                bytes_sent.inc(len(frame))
-                if len(batch) == 1:
-                    metrics.count_sent(first.event_type)
-                else:
-                    for event_type, count in Counter(event.event_type for event in batch).items():
-                        metrics.count_sent(event_type, count)
-            last = renderer.closing(feed) if renderer is not None else None
-            if last is not None:
-                yield last
-                bytes_sent.inc(len(last))
-        finally:
-            # The response accounts for the stream (SessionStreamResponse.__call__): only it knows whether a write
-            # timed out. This only lets the feed go at once when the generator is closed early.
-            feed.close(CLIENT_GONE)
+    def opening(self) -> bytes:
+        return connected_frame(self._session_id) if self._renderer is None else self._renderer.opening()
+
+    def opened(self) -> None:
+        self._metrics.sse_time_to_first_event.observe(time.monotonic() - self._arrived)
+
+    @property
+    def interruptible(self) -> bool:
+        # Not while a renderer works on a batch already taken from the feed: cancelling then would lose it.
+        return self._feed.live and not self._rendering
+
+    async def next_write(self) -> bytes | None:
+        batch = await self._feed.next()
+        if not batch:
+            return None
+        if self._renderer is not None:
+            self._rendering = True
+            try:
+                frame = await self._renderer.render(batch)
+            finally:
+                self._rendering = False
+        else:
+            frame = batch[0].frame if len(batch) == 1 else b"".join([event.frame for event in batch])
+        self._batch = batch
+        self._events = len(batch)
+        self._size = len(frame)
+        appended = batch[0].appended_at
+        self._waited = time.time() - appended if appended else 0.0
+        return frame
+
+    @property
+    def waited(self) -> float:
+        return self._waited
+
+    @property
+    def events(self) -> int:
+        return self._events
+
+    def written(self) -> None:
+        batch, metrics = self._batch, self._metrics
+        self._batch = []
+        first = batch[0]
+        # One latency sample per write, of its oldest event: the write's worst case, at one observation however
+        # many events the write carried (a per-event sample would cost more than the write).
+        if first.appended_at:
+            metrics.sse_delivery_latency.observe(max(0.0, time.time() - first.appended_at))
+        metrics.sse_bytes_sent.inc(self._size)
+        if len(batch) == 1:
+            metrics.count_sent(first.event_type)
+        else:
+            for event_type, count in Counter([event.event_type for event in batch]).items():
+                metrics.count_sent(event_type, count)
+
+    def closing(self) -> bytes | None:
+        last = self._renderer.closing(self._feed) if self._renderer is not None else None
+        if last is not None:
+            self._metrics.sse_bytes_sent.inc(len(last))
+        return last
+
+    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
+        return self._feed.notify_when_filling(callback)
+
+    def gone(self) -> None:
+        self._feed.close(CLIENT_GONE)
 
     def finish(self, reason: str | None = None) -> None:
         """Give the stream's place back and account for it; the first call counts, later ones do nothing."""
@@ -138,7 +152,7 @@ class _Stream:
             return
         self._finished = True
         feed, metrics = self._feed, self._metrics
-        lost = feed.pending + self._in_flight if reason == STALLED else 0
+        lost = feed.pending + len(self._batch) if reason == STALLED else 0
         # The server's own reason to end the feed comes first: a client cut off as slow usually stalls the last
         # write too, but being slow is why it ended.
         if feed.close_reason in _SERVER_REASONS:
@@ -146,6 +160,7 @@ class _Stream:
         reason = reason or feed.close_reason or CLIENT_GONE
         if reason not in SSE_CLOSE_REASONS:
             reason = CLIENT_GONE
+        feed.close(CLIENT_GONE)
         self._sessions.unfollow(self._principal, feed)
         seconds = time.monotonic() - self._opened
         metrics.sse_connections_active.dec()
@@ -158,10 +173,6 @@ class _Stream:
         log.info("sse_stream_closed", session_id=self._session_id, reason=reason, replayed=feed.replayed,
                  delivered=feed.delivered, dropped=feed.dropped + lost, last_event_id=feed.last_id,
                  seconds=round(seconds, 3))
-
-
-def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping")
 
 
 def parse_last_event_id(header: str | None, query: str | None) -> int:
@@ -216,10 +227,14 @@ async def open_stream(request: Request, principal: Principal, sessions: SessionS
     log.info("sse_stream_opened", session_id=session_id, last_event_id=after)
     heartbeat = container.settings.sse_heartbeat_seconds
     stream = _Stream(sessions, principal, feed, session_id, metrics, request_started(request.scope), renderer)
-    return SessionStreamResponse(
-        stream,
-        headers=STREAM_HEADERS,
-        ping=heartbeat,
-        ping_message_factory=_ping,
-        send_timeout=heartbeat * SEND_TIMEOUT_FACTOR,
-    )
+    return SessionStreamResponse(stream, heartbeat=heartbeat, send_timeout=heartbeat * SEND_TIMEOUT_FACTOR,
+                                 pacer=_pacer(request), headers=STREAM_HEADERS)
+
+
+def _pacer(request: Request) -> WritePacer:
+    """The application's one :class:`WritePacer`, made by its first stream (every stream must share it)."""
+    state = request.app.state
+    pacer: WritePacer | None = getattr(state, "write_pacer", None)
+    if pacer is None:
+        pacer = state.write_pacer = WritePacer()
+    return pacer

@@ -1,0 +1,84 @@
+"""The outermost layer of the application, under which event streams write straight to the server and, once open,
+may leave the framework (see :mod:`service.api.sse`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+HANDOFF = "alex.stream_handoff"
+"""The ``scope["extensions"]`` key under which :class:`StreamHost` offers a :class:`Handoff`."""
+
+
+class Handoff:
+    """What :class:`StreamHost` offers the response of one request (``scope["extensions"]["alex.stream_handoff"]``).
+
+    ``send`` is the server's own. When ``enabled``, a stream may leave the framework once its head is out
+    (:meth:`take`); layers above it that account for the whole request (its log line, its span) then add their
+    closing step to ``on_end``, run when the stream ends, in the request's context.
+    """
+
+    __slots__ = ("abandon", "enabled", "on_end", "send", "stream", "taken")
+
+    def __init__(self, send: Send, enabled: bool) -> None:
+        self.send = send
+        self.enabled = enabled
+        self.taken = False
+        """True once a stream has taken the request over (the framework's call returns before it ends)."""
+        self.stream: Callable[[], Awaitable[None]] | None = None
+        self.abandon: Callable[[], None] | None = None
+        self.on_end: list[Callable[[], None]] = []
+
+    def take(self, stream: Callable[[], Awaitable[None]], abandon: Callable[[], None]) -> None:
+        self.taken = True
+        self.stream = stream
+        self.abandon = abandon
+
+
+class StreamHost:
+    """The outermost layer of the application: passes the server's ``send`` to event streams and, when
+    ``hand_off``, carries them on once the framework has opened them.
+
+    An :class:`~service.api.sse.EventStreamResponse` sends its head (status and headers) through the whole
+    application, as any response does, so every middleware sees it: security and rate-limit headers, the request's
+    metrics, log line and span. Its frames then go straight to the server's ``send``, skipping the half dozen
+    wrappers that only ever look at a response head: nothing in the stack reads or changes a response body (a
+    middleware that must, compression say, would not see a stream's frames).
+
+    With ``hand_off``, the stream goes further: it returns from the framework's call right after its head, and this
+    host runs the rest of it, at the bottom of the stack, in the context (log fields, trace) the request had. The
+    request's middleware frames, dependency caches and exit stacks are freed at once instead of living as long as
+    the stream, which was most of its memory. The layers above that account for the whole request must then close
+    their account from :attr:`Handoff.on_end`. The framework gets a copy of the scope, so what it keeps there goes
+    with its call.
+
+    Served without the host (an in-process test client), a stream writes through the middleware and runs inside
+    the framework's call, with the same behaviour.
+    """
+
+    def __init__(self, app: ASGIApp, *, hand_off: bool = False) -> None:
+        self.app = app
+        self.hand_off = hand_off
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        handoff = Handoff(send, self.hand_off)
+        inner = dict(scope) if self.hand_off else scope
+        inner["extensions"] = {**(scope.get("extensions") or {}), HANDOFF: handoff}
+        if self.hand_off and "state" in scope:
+            inner["state"] = dict(scope["state"])
+        try:
+            await self.app(inner, receive, send)
+        except BaseException:
+            if handoff.abandon is not None:
+                handoff.abandon()
+            raise
+        del inner
+        if handoff.stream is not None:
+            stream = handoff.stream()
+            # Nothing but the running stream should keep its request's leftovers alive.
+            handoff.stream = handoff.abandon = None
+            await stream
