@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test unit integration browser lint typecheck clean
+.PHONY: install system-deps run test unit integration browser lint typecheck clean bench
 
 # Debian packages the tests use: bubblewrap (the bash sandbox), curl (the README walk-through), util-linux
 # (prlimit, setpriv), prometheus (a real Prometheus and promtool for the dashboards and alert rules), redis-server
@@ -53,6 +53,12 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The benchmarks (loadtests/README.md): each prints its table and exits non-zero when it misses a target. Minutes
+# each, on a quiet machine; never part of `make test`. One of them: `make bench BENCHMARKS=fanout`.
+BENCHMARKS ?= fanout idle engine first_event replicas
+bench: install system-deps
+	@status=0; for b in $(BENCHMARKS); do $(BIN)/python -m loadtests.$$b || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
