@@ -21,19 +21,23 @@ COOKIE_NAME = "alex_token"
 QUERY_TOKEN = "access_token"  # noqa: S105 -- the parameter's name, not a secret
 
 
-def get_container(request: Request) -> Container:
+def container_of(request: Request) -> Container:
     container: Container = request.app.state.container
     return container
+
+
+async def get_container(request: Request) -> Container:
+    return container_of(request)
 
 
 ContainerDep = Annotated[Container, Depends(get_container)]
 
 
-def get_runner(container: ContainerDep) -> TaskRunner:
+async def get_runner(container: ContainerDep) -> TaskRunner:
     return container.runner
 
 
-def get_sessions(container: ContainerDep) -> SessionService:
+async def get_sessions(container: ContainerDep) -> SessionService:
     return container.sessions
 
 
@@ -71,7 +75,7 @@ def token_subject(request: Request) -> str | None:
     cached: Principal | None = getattr(request.state, "principal", None)
     if cached is not None:
         return cached.subject
-    container = get_container(request)
+    container = container_of(request)
     if container.verifier is None:
         return _ANONYMOUS.subject
     try:

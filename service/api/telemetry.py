@@ -8,8 +8,10 @@ tokens are replaced before the line is written.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
 import structlog
@@ -18,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.stream_host import HANDOFF, Handoff
 from service.observability.metrics import Metrics
 from service.observability.tracing import extract_context
 
@@ -27,8 +30,19 @@ _SECRET_PARAMS = frozenset({"access_token", "token"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 _STARTED = "alex.started"
+_ACCOUNT_KEYS = ("route", "method", "path", "query_string", "state")
 UNMATCHED = "unmatched"
 """The ``route`` label of a request no route took (a 404 on an unknown path): paths are not a bounded value."""
+
+
+def _defer(handoff: Handoff | None, scope: Scope, close: Callable[[Scope], None], span: trace.Span) -> bool:
+    """A stream that goes on outside the framework's call (``StreamHost``) closes the request's account when it
+    ends: from the part of the scope the account reads, so that the framework's share of the scope is freed now."""
+    if handoff is None or not handoff.taken:
+        return False
+    kept = {key: scope[key] for key in _ACCOUNT_KEYS if key in scope}
+    handoff.on_end.extend((functools.partial(close, kept), span.end))
+    return True
 
 
 def redact_query(raw: bytes) -> str:
@@ -105,6 +119,8 @@ class RequestTelemetry:
             await send(message)
 
         token = otel_context.attach(trace.set_span_in_context(span, parent))
+        handoff: Handoff | None = scope.get("extensions", {}).get(HANDOFF)
+        deferred = False
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id):
                 try:
@@ -113,12 +129,17 @@ class RequestTelemetry:
                     span.record_exception(exc)
                     raise
                 finally:
-                    self._finish(scope, span, method, status=status or 500, streaming=streaming, started=started)
+                    close = functools.partial(self._finish, span=span, method=method, status=status or 500,
+                                              streaming=streaming, started=started)
+                    deferred = _defer(handoff, scope, close, span)
+                    if not deferred:
+                        close(scope)
         finally:
             if counted:
                 in_flight.dec()
             otel_context.detach(token)
-            span.end()
+            if not deferred:
+                span.end()
 
     def _start_span(self, scope: Scope, method: str, request_id: str,
                     parent: otel_context.Context | None) -> trace.Span:

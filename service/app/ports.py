@@ -39,6 +39,10 @@ class Subscription(Protocol):
 
     async def next_batch(self) -> list[StoredEvent]: ...
 
+    def notify_when_filling(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` each time half of the buffer is pending (None: stop). A reader that takes its events in
+        batches on purpose (a stream pacing its writes under load) then goes on early, before it is cut off."""
+
     def close(self, reason: str = "closed") -> None: ...
 
 

@@ -84,14 +84,9 @@ class SessionFeed:
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)
 
-    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
-        """Call ``callback`` when half of the live buffer is pending; False when the subscription cannot tell (an
-        adapter without the hook): the reader must then take every batch as soon as it can."""
-        hook = getattr(self._subscription, "notify_when_filling", None)
-        if hook is None:
-            return False
-        hook(callback)
-        return True
+    def notify_when_filling(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when half of the live buffer is pending (see :meth:`Subscription.notify_when_filling`)."""
+        self._subscription.notify_when_filling(callback)
 
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every

@@ -285,6 +285,29 @@ async def test_a_slow_subscriber_is_cut_off_and_recovers_from_the_log(backend: B
     assert await backend.log.read_after("s1", 0, 100) == appended
 
 
+async def test_a_reader_hears_when_half_its_buffer_is_pending(backend: Backend) -> None:
+    subscription = await subscribed(backend.log, "s1", 8)
+    calls: list[int] = []
+    subscription.notify_when_filling(lambda: calls.append(subscription.pending))
+    for n in range(3):
+        await backend.log.append(thinking("s1", n))
+    await asyncio.sleep(0.05)  # a replica's reader hands them on a moment later
+    assert calls == []
+    for n in range(3, 6):
+        await backend.log.append(thinking("s1", n))
+    async with asyncio.timeout(5):
+        while not calls:
+            await asyncio.sleep(0.01)
+    assert calls[0] >= 4
+    assert len(await take(subscription, 6)) == 6
+    subscription.notify_when_filling(None)
+    for n in range(6, 12):
+        await backend.log.append(thinking("s1", n))
+    await asyncio.sleep(0.05)
+    assert len(calls) == 1, "no callback once it was removed"
+    assert subscription.close_reason is None
+
+
 async def test_retention_trims_the_oldest_events_of_a_session(backend: Backend) -> None:
     appended: list[int] = []
     for n in range(3 * RETENTION + 7):

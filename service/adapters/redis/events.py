@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -93,6 +94,9 @@ class FollowedSubscription:
 
     async def next_batch(self) -> list[StoredEvent]:
         return await self._subscription.next_batch()
+
+    def notify_when_filling(self, callback: Callable[[], None] | None) -> None:
+        self._subscription.notify_when_filling(callback)
 
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)

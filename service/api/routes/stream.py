@@ -141,7 +141,8 @@ class _Stream:
         return last
 
     def notify_when_filling(self, callback: Callable[[], None]) -> bool:
-        return self._feed.notify_when_filling(callback)
+        self._feed.notify_when_filling(callback)
+        return True
 
     def gone(self) -> None:
         self._feed.close(CLIENT_GONE)
