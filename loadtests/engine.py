@@ -72,8 +72,7 @@ _ID = re.compile(rb'"id":"(\d+)"')
 TOOL_TURN = {"text": "Checking.", "tool_calls": [{"name": "list_files", "arguments": {"path": "."}},
                                                  {"name": "todo_read", "arguments": {}}]}
 SCRIPT = {"turns": [TOOL_TURN, TOOL_TURN, TOOL_TURN, {"text": "Done."}]}
-LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000000/minute", "ALEX_RATE_LIMIT_DEFAULT": "1000000/minute",
-          "ALEX_WORKER_CONCURRENCY": "1000"}
+LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000000/minute", "ALEX_RATE_LIMIT_DEFAULT": "1000000/minute"}
 
 
 @dataclass

@@ -47,8 +47,7 @@ from loadtests.streams import OnFrame, open_stream
 from service.tokens import mint_token
 
 MAX_P99_MS = 20.0
-LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000000/minute", "ALEX_RATE_LIMIT_DEFAULT": "1000000/minute",
-          "ALEX_WORKER_CONCURRENCY": "1000"}
+LIMITS = {"ALEX_RATE_LIMIT_TASKS": "1000000/minute", "ALEX_RATE_LIMIT_DEFAULT": "1000000/minute"}
 
 
 @dataclass
