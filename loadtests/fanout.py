@@ -41,7 +41,7 @@ from loadtests.common import (
     table,
 )
 from loadtests.pyspy import Profiler, summary
-from loadtests.workload import Workload, subject_of
+from loadtests.workload import Workload, add_workload_arguments, subject_of
 
 SERVERS = ("bare", "hub", "service")
 TITLES = {
@@ -176,19 +176,13 @@ def checks(saturated: dict[str, dict[str, Any]], paced: dict[str, dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.fanout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--sessions", type=int, default=100)
-    parser.add_argument("--deliveries", type=int, default=100_000)
-    parser.add_argument("--payload-bytes", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=3, help="turns per server; figures are medians (default 3)")
+    add_workload_arguments(parser, turns_of="server")
     parser.add_argument("--servers", default=",".join(SERVERS), help="a subset of bare,hub,service")
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds a turn may take")
     parser.add_argument("--paced", type=float, default=None,
                         help="deliveries/s offered in the second phase (default: 70%% of the bare reference's "
                              "measured rate; 0 skips the phase)")
     parser.add_argument("--sweep", default=None, help="stream counts to measure in turn (e.g. 100,1000,5000); "
                                                       "the first phase only, at least 100 events per stream")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder with the servers' logs")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record each server with py-spy while it delivers; raw profiles go to this folder")

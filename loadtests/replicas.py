@@ -38,7 +38,7 @@ from loadtests.common import (
     service_environment,
     table,
 )
-from loadtests.workload import Workload, subject_of
+from loadtests.workload import Workload, add_workload_arguments, subject_of
 from tests.redis_server import RedisServer
 
 SETUPS = ("sqlite-1", "redis-2")
@@ -91,13 +91,7 @@ def run_once(setup: str, workload: Workload, folder: Path, *, timeout: float) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.replicas", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--sessions", type=int, default=100)
-    parser.add_argument("--deliveries", type=int, default=100_000)
-    parser.add_argument("--payload-bytes", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=3, help="turns per setup; figures are medians (default 3)")
-    parser.add_argument("--timeout", type=float, default=180.0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    add_workload_arguments(parser, turns_of="setup")
     args = parser.parse_args(argv)
     if shutil.which("redis-server") is None:
         parser.error("redis-server is not installed (make test installs it: apt-get install redis-server)")

@@ -8,8 +8,10 @@ one Linux host reads the same monotonic clock, so the client's receive time minu
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 MARK = "@"
 
@@ -47,3 +49,15 @@ def payload(seq: int, payload_bytes: int) -> str:
 def subject_of(session: int) -> str:
     """The token subject that owns a benchmark session (one each, so no subject nears its stream cap)."""
     return f"bench-user-{session:05d}"
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, *, turns_of: str) -> None:
+    """The options of a fan-out benchmark: the workload's sizes, turns, a turn's time limit and ``--json``."""
+    defaults = Workload()
+    parser.add_argument("--streams", type=int, default=defaults.streams)
+    parser.add_argument("--sessions", type=int, default=defaults.sessions)
+    parser.add_argument("--deliveries", type=int, default=defaults.deliveries)
+    parser.add_argument("--payload-bytes", type=int, default=defaults.payload_bytes)
+    parser.add_argument("--repeat", type=int, default=3, help=f"turns per {turns_of}; figures are medians (default 3)")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds a turn may take")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
