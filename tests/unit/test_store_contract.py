@@ -288,16 +288,20 @@ async def test_a_slow_subscriber_is_cut_off_and_recovers_from_the_log(backend: B
 async def test_a_reader_hears_when_half_its_buffer_is_pending(backend: Backend) -> None:
     subscription = await subscribed(backend.log, "s1", 8)
     calls: list[int] = []
-    subscription.notify_when_filling(lambda: calls.append(subscription.pending))
+    filling = asyncio.Event()
+
+    def heard() -> None:
+        calls.append(subscription.pending)
+        filling.set()
+
+    subscription.notify_when_filling(heard)
     for n in range(3):
         await backend.log.append(thinking("s1", n))
     await asyncio.sleep(0.05)  # a replica's reader hands them on a moment later
     assert calls == []
     for n in range(3, 6):
         await backend.log.append(thinking("s1", n))
-    async with asyncio.timeout(5):
-        while not calls:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(filling.wait(), 5)
     assert calls[0] >= 4
     assert len(await take(subscription, 6)) == 6
     subscription.notify_when_filling(None)
