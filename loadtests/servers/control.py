@@ -19,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import uvicorn
+
 from loadtests.workload import payload
 
 Emit = Callable[[str, int, str], Awaitable[None]]
@@ -67,6 +69,24 @@ async def obey(emit: Emit, stop: Callable[[], None]) -> None:
                 break
     finally:
         stop()
+
+
+async def serve(server: uvicorn.Server, emit: Emit) -> None:
+    """Run ``server``; once it listens, announce its port and obey the commands on stdin until told to quit."""
+
+    def stop() -> None:
+        server.should_exit = True
+
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            await serving
+            return
+        await asyncio.sleep(0.01)
+    control = asyncio.create_task(obey(emit, stop))
+    announce({"state": "listening", "port": server.servers[0].sockets[0].getsockname()[1]})
+    await serving
+    control.cancel()
 
 
 TASK_ID = "t_benchmark000000"

@@ -19,7 +19,7 @@ import uvloop
 from fastapi import FastAPI, Request
 from sse_starlette import EventSourceResponse
 
-from loadtests.servers.control import announce, envelope, obey
+from loadtests.servers.control import envelope, serve
 
 
 class Hub:
@@ -66,17 +66,7 @@ async def main(ping: float) -> None:
         hub.publish(session_id, chunk)
         await asyncio.sleep(0)
 
-    def stop() -> None:
-        server.should_exit = True
-
-    serving = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 -- uvicorn only has this flag to tell it listens
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    control = asyncio.create_task(obey(emit, stop))
-    announce({"state": "listening", "port": port})
-    await serving
-    control.cancel()
+    await serve(server, emit)
 
 
 if __name__ == "__main__":

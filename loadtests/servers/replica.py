@@ -7,12 +7,10 @@ Run: ``python -m loadtests.servers.replica`` with the ``ALEX_*`` environment.
 
 from __future__ import annotations
 
-import asyncio
-
 import uvicorn
 import uvloop
 
-from loadtests.servers.control import TASK_ID, TRACE_ID, announce, obey
+from loadtests.servers.control import TASK_ID, TRACE_ID, serve
 from service.app.stream import LogSink
 from service.config import load_settings
 from service.domain.events import ToolCallStream
@@ -32,19 +30,7 @@ async def main() -> None:
             session_id=session_id, task_id=TASK_ID, trace_id=TRACE_ID, iteration=1, tool_name="bash",
             call_id="call_1_0", chunk=chunk))
 
-    def stop() -> None:
-        server.should_exit = True
-
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            await serving
-            return
-        await asyncio.sleep(0.01)
-    announce({"state": "listening", "port": server.servers[0].sockets[0].getsockname()[1]})
-    control = asyncio.create_task(obey(emit, stop))
-    await serving
-    control.cancel()
+    await serve(server, emit)
 
 
 if __name__ == "__main__":

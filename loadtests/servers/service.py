@@ -14,11 +14,10 @@ for its stdin commands).
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import uvloop
 
-from loadtests.servers.control import TASK_ID, TRACE_ID, announce, obey
+from loadtests.servers.control import TASK_ID, TRACE_ID, serve
 from service.app.stream import LogSink
 from service.cli import HAND_OFF_STREAMS, DrainingServer, prepare_process, server_config
 from service.config import load_settings
@@ -44,20 +43,7 @@ async def main(hand_off: bool) -> None:
         await sink.emit(ToolCallStream(session_id=session_id, task_id=TASK_ID, trace_id=TRACE_ID, iteration=1,
                                        tool_name="bash", call_id="call_1_0", chunk=chunk))
 
-    def stop() -> None:
-        server.should_exit = True
-
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            await serving
-            return
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    control = asyncio.create_task(obey(emit, stop))
-    announce({"state": "listening", "port": port})
-    await serving
-    control.cancel()
+    await serve(server, emit)
 
 
 if __name__ == "__main__":
