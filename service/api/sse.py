@@ -112,9 +112,9 @@ class FrameSource(Protocol):
     def closing(self) -> bytes | None:
         """A last write once the source has ended, or None."""
 
-    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
-        """Call ``callback`` when half of the live events the source may hold are waiting; False when it cannot
-        tell (the stream then never delays a write)."""
+    def notify_when_filling(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when half of the live events the source may hold are waiting (a paced stream then
+        writes at once)."""
 
     def gone(self) -> None:
         """The client left: the source should end (its pending :meth:`next_write` returns None)."""
@@ -235,7 +235,9 @@ class EventStreamResponse(Response):
 
     async def _stream(self, send: Send, loop: asyncio.AbstractEventLoop) -> None:
         source = self._source
-        pacer = self._pacer if self._pacer is not None and source.notify_when_filling(self._filling) else None
+        pacer = self._pacer
+        if pacer is not None:
+            source.notify_when_filling(self._filling)
         await self._write(send, source.opening(), loop)
         source.opened()
         pacing = False

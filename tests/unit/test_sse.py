@@ -70,9 +70,8 @@ class Source:
     def closing(self) -> bytes | None:
         return None
 
-    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
+    def notify_when_filling(self, callback: Callable[[], None]) -> None:
         self.subscription.notify_when_filling(callback)
-        return True
 
     def gone(self) -> None:
         self.went = True

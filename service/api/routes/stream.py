@@ -140,9 +140,8 @@ class _Stream:
             self._metrics.sse_bytes_sent.inc(len(last))
         return last
 
-    def notify_when_filling(self, callback: Callable[[], None]) -> bool:
+    def notify_when_filling(self, callback: Callable[[], None]) -> None:
         self._feed.notify_when_filling(callback)
-        return True
 
     def gone(self) -> None:
         self._feed.close(CLIENT_GONE)
