@@ -13,6 +13,9 @@ This is the last step of delivery, taken once per write of every stream, so it d
   to leave. sse-starlette, which this replaces, ran four tasks per stream in an anyio task group.
 - Heartbeats and the send timeout share one timer per stream, re-armed once per heartbeat interval, never per
   write; a write costs no timer and no cancel scope (sse-starlette opened one around every write).
+- While a stream waits for events on a socket that takes bytes, an event is written from the publisher's own turn
+  (:meth:`FrameSource.write_through`, with :func:`~service.api.stream_host.socket_writer`): no task wakes, nothing
+  is buffered. Only when the socket is full, or the stream is already awake, do events wait for its writer.
 - A write carries everything the source has ready, and a heartbeat that falls due while events flow rides along.
 - While the event loop is behind, a stream that receives events faster than it can write them one by one writes
   at most once per :data:`PACE_SECONDS` (:class:`WritePacer`): a write costs the same system call whether it
@@ -39,7 +42,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from service.api.stream_host import HANDOFF, Handoff
+from service.api.stream_host import HANDOFF, Handoff, socket_writer
 
 log = structlog.get_logger("service.sse")
 
@@ -116,6 +119,13 @@ class FrameSource(Protocol):
         """Call ``callback`` when half of the live events the source may hold are waiting (a paced stream then
         writes at once)."""
 
+    def write_through(self, write: Callable[[bytes], bool]) -> None:
+        """From now on, while the stream waits for live events, the source may write a new event's frame with
+        ``write`` at once, from the publisher's turn, instead of returning it from :meth:`next_write`. ``write``
+        returns True when the frame went out (the source accounts for it as for a write of its own), False when it
+        could not go out at once (the source keeps the event for :meth:`next_write`). A source that cannot (a
+        frame that takes its own turn to render) ignores this."""
+
     def gone(self) -> None:
         """The client left: the source should end (its pending :meth:`next_write` returns None)."""
 
@@ -158,6 +168,7 @@ class EventStreamResponse(Response):
         self._writing_since = 0.0
         self._stalled = False
         self._writer_ended = False
+        self._socket_write: Callable[[bytes], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -172,7 +183,9 @@ class EventStreamResponse(Response):
         handoff: Handoff | None = scope.get("extensions", {}).get(HANDOFF)
         if handoff is None:
             await self._carry_on(None, receive, send)
-        elif not handoff.enabled:
+            return
+        self._socket_write = socket_writer(handoff.send)
+        if not handoff.enabled:
             await self._carry_on(None, receive, handoff.send)
         else:
             context = contextvars.copy_context()
@@ -240,6 +253,8 @@ class EventStreamResponse(Response):
             source.notify_when_filling(self._filling)
         await self._write(send, source.opening(), loop)
         source.opened()
+        if self._socket_write is not None:
+            source.write_through(self._socket_write)
         pacing = False
         last_write = 0.0
         while True:
@@ -313,13 +328,18 @@ class EventStreamResponse(Response):
             writer.cancel()
             return
         self._ping_due = True
-        if self._parked and not self._waking and self._source.interruptible:
-            self._waking = True
-            writer.cancel()
+        self._wake_writer()
         loop = asyncio.get_running_loop()
         # From the previous deadline, not from now: a late timer does not push every later heartbeat back.
         self._next_beat = max(now + self._heartbeat, loop.time())
         self._timer = loop.call_at(self._next_beat, self._beat)
+
+    def _wake_writer(self) -> None:
+        """Interrupt the writer's wait for events (nothing is lost: they stay pending)."""
+        writer = self._writer
+        if self._parked and not self._waking and self._source.interruptible and writer is not None:
+            self._waking = True
+            writer.cancel()
 
     def _uncancel(self) -> bool:
         """Take back one cancellation of our own; True when others remain (someone else cancelled the task too)."""

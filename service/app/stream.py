@@ -88,6 +88,28 @@ class SessionFeed:
         """Call ``callback`` when half of the live buffer is pending (see :meth:`Subscription.notify_when_filling`)."""
         self._subscription.notify_when_filling(callback)
 
+    def write_through(self, write: Callable[[bytes], bool] | None,
+                      written: Callable[[StoredEvent], None] | None = None) -> None:
+        """While the reader waits for live events, write each new one's frame with ``write`` at once (see
+        :meth:`Subscription.write_through`); when it returns True the event counts as delivered and ``written``
+        hears of it, else it waits for :meth:`next` as usual. None: stop."""
+        if write is None:
+            self._subscription.write_through(None)
+            return
+
+        def take(event: StoredEvent) -> bool:
+            if event.id <= self.last_id:
+                return True  # the replay gave it already
+            if not self.live or not write(event.frame):
+                return False
+            self.last_id = event.id
+            self.delivered += 1
+            if written is not None:
+                written(event)
+            return True
+
+        self._subscription.write_through(take)
+
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every
         live one pending (waiting for one); ``[]`` once the feed has ended.

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn._types import HTTPScope
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from service.adapters.broker.memory import MemoryBroker
 from service.api.sse import PING, EventStreamResponse, WritePacer
-from service.api.stream_host import HANDOFF, Handoff, StreamHost
+from service.api.stream_host import HANDOFF, Handoff, StreamHost, socket_writer
 from service.domain.events import StoredEvent, Thinking, connected_frame
 
 GUARD = 5.0
@@ -73,6 +78,15 @@ class Source:
     def notify_when_filling(self, callback: Callable[[], None]) -> None:
         self.subscription.notify_when_filling(callback)
 
+    def write_through(self, write: Callable[[bytes], bool]) -> None:
+        def offer(event: StoredEvent) -> bool:
+            if not write(event.frame):
+                return False
+            self.writes.append([event.id])
+            return True
+
+        self.subscription.write_through(offer)
+
     def gone(self) -> None:
         self.went = True
         self.subscription.close("client_gone")
@@ -120,8 +134,8 @@ class Client:
                 await asyncio.sleep(0.005)
 
 
-def scope() -> Scope:
-    return {"type": "http", "method": "GET", "path": "/api/sse", "headers": [], "extensions": {}}
+def scope(extensions: dict[str, Any] | None = None) -> Scope:
+    return {"type": "http", "method": "GET", "path": "/api/sse", "headers": [], "extensions": extensions or {}}
 
 
 @contextlib.asynccontextmanager
@@ -185,6 +199,138 @@ async def test_a_write_that_never_finishes_ends_the_stream_as_stalled() -> None:
         await asyncio.wait_for(running, GUARD)
     assert source.finished == ["stalled"]
     assert not client.complete, "a stalled response is left unfinished: the server drops the connection"
+
+
+class Connection:
+    """uvicorn's own request cycle (httptools) on one end of a real socket pair; the test reads the other end."""
+
+    def __init__(self, cycle: RequestResponseCycle, peer: socket.socket) -> None:
+        self.cycle = cycle
+        self.send = cast(Send, cycle.send)
+        self.peer = peer
+        self.received = b""
+
+    async def read_until(self, predicate: Callable[[bytes], bool]) -> bytes:
+        """The bytes the server wrote so far (as sent, chunked framing included), once ``predicate`` holds."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(GUARD):
+            while not predicate(self.received):
+                self.received += await loop.sock_recv(self.peer, 65536)
+        return self.received
+
+    def ids(self) -> list[bytes]:
+        return [line for line in self.received.split(b"\n") if line.startswith(b"id: ")]
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_connection() -> AsyncIterator[Connection]:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    http_scope = cast(HTTPScope, scope())
+    cycle = RequestResponseCycle(
+        scope=http_scope, transport=transport, flow=FlowControl(transport),
+        logger=logging.getLogger("test"), access_logger=logging.getLogger("test.access"), access_log=False,
+        default_headers=[], message_event=asyncio.Event(), expect_100_continue=False, keep_alive=True,
+        on_response=lambda: None)
+    try:
+        yield Connection(cycle, peer)
+    finally:
+        transport.close()
+        peer.close()
+
+
+@contextlib.asynccontextmanager
+async def through_uvicorn(response: EventStreamResponse, connection: Connection, client: Client
+                          ) -> AsyncIterator[asyncio.Task[None]]:
+    """``response`` under the host, as ``alex-server serve`` runs it: uvicorn's own send, the client's receive."""
+    extensions = {HANDOFF: Handoff(connection.send, enabled=False)}
+    running = asyncio.create_task(response(scope(extensions), client.receive, connection.send))
+    try:
+        yield running
+    finally:
+        if not running.done():
+            client.left.set()
+        async with asyncio.timeout(GUARD):
+            with contextlib.suppress(Exception):
+                await running
+
+
+async def test_the_socket_writer_knows_uvicorns_cycle_once_its_chunked_head_is_out() -> None:
+    async with uvicorn_connection() as connection:
+        send = connection.send
+        assert socket_writer(send) is None, "no head yet: the framing is not known"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        write = socket_writer(send)
+        assert write is not None
+        assert write(b"data: x\n\n")
+        await connection.read_until(lambda got: got.endswith(b"9\r\ndata: x\n\n\r\n"))
+        connection.cycle.flow.pause_writing()
+        assert not write(b"data: y\n\n"), "the socket takes no more bytes: nothing is written"
+        connection.cycle.flow.resume_writing()
+        connection.cycle.disconnected = True
+        assert not write(b"data: y\n\n")
+    assert socket_writer(Client().send) is None
+
+
+async def test_under_uvicorn_an_idle_stream_writes_each_event_from_the_publishers_turn() -> None:
+    source, client = Source(), Client()
+    async with uvicorn_connection() as connection:
+        async with through_uvicorn(EventStreamResponse(source, heartbeat=60, send_timeout=120), connection, client):
+            await connection.read_until(lambda got: connected_frame("s1") in got)
+            await asyncio.sleep(0.01)  # the writer parks on the subscription
+            source.publish(3)
+            # No await since publish: each frame went out within it, and the subscription holds nothing.
+            assert source.subscription.pending == 0
+            assert source.writes == [[1], [2], [3]]
+            await connection.read_until(lambda got: got.count(b"id: ") == 3)
+        assert connection.ids() == [b"id: 1", b"id: 2", b"id: 3"]
+    assert source.finished == [None]
+
+
+async def test_without_the_servers_send_events_wait_for_the_writers_turn() -> None:
+    source, client = Source(), Client()
+    async with streaming(EventStreamResponse(source, heartbeat=60, send_timeout=120), client):
+        await client.until(lambda: connected_frame("s1") in client.body)
+        await asyncio.sleep(0.01)
+        source.publish(2)
+        assert source.writes == []
+        assert source.subscription.pending == 2
+        await client.until(lambda: sum(map(len, source.writes)) == 2)
+
+
+async def test_events_for_a_socket_that_takes_no_more_bytes_wait_for_it_in_order() -> None:
+    source, client = Source(), Client()
+    async with uvicorn_connection() as connection:
+        async with through_uvicorn(EventStreamResponse(source, heartbeat=60, send_timeout=120), connection, client):
+            await connection.read_until(lambda got: connected_frame("s1") in got)
+            await asyncio.sleep(0.01)
+            source.publish()
+            connection.cycle.flow.pause_writing()  # as uvicorn does when the transport's buffer is full
+            source.publish(3)
+            assert source.writes == [[1]]
+            await asyncio.sleep(0.02)
+            assert source.writes == [[1]], "the writer's send waits for the socket"
+            connection.cycle.flow.resume_writing()
+            await connection.read_until(lambda got: got.count(b"id: ") == 4)
+            source.publish()  # the writer waits again: straight through once more
+            assert source.writes == [[1], [2, 3, 4], [5]]
+            await connection.read_until(lambda got: got.count(b"id: ") == 5)
+        assert connection.ids() == [b"id: 1", b"id: 2", b"id: 3", b"id: 4", b"id: 5"]
+
+
+async def test_a_socket_that_never_takes_bytes_again_ends_the_stream_as_stalled() -> None:
+    source, client = Source(), Client()
+    async with uvicorn_connection() as connection:
+        response = EventStreamResponse(source, heartbeat=0.02, send_timeout=0.04)
+        async with through_uvicorn(response, connection, client) as running:
+            await connection.read_until(lambda got: connected_frame("s1") in got)
+            connection.cycle.flow.pause_writing()
+            source.publish()
+            await asyncio.wait_for(running, GUARD)
+    assert source.finished == ["stalled"]
+    assert source.writes == []
 
 
 async def test_under_load_a_stream_batches_what_arrives_within_an_interval() -> None:

@@ -312,6 +312,43 @@ async def test_a_reader_hears_when_half_its_buffer_is_pending(backend: Backend) 
     assert subscription.close_reason is None
 
 
+async def test_a_waiting_reader_may_take_each_event_as_it_is_published(backend: Backend) -> None:
+    subscription = await subscribed(backend.log, "s1", 8)
+    offered: list[int] = []
+    accept = True
+
+    def offer(event: StoredEvent) -> bool:
+        offered.append(event.id)
+        return accept
+
+    subscription.write_through(offer)
+    reading = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0.01)
+    taken = [(await backend.log.append(thinking("s1", n))).id for n in range(3)]
+    await asyncio.sleep(0.05)  # a replica's reader hands them on a moment later
+    assert offered == taken
+    assert subscription.pending == 0
+    assert not reading.done(), "events taken by the offer wake nobody"
+    accept = False
+    refused = (await backend.log.append(thinking("s1", 3))).id
+    behind = (await backend.log.append(thinking("s1", 4))).id
+    got = await asyncio.wait_for(reading, 5)
+    got += await take(subscription, 2 - len(got))  # a replica may hand the two on in separate turns
+    assert [event.id for event in got] == [refused, behind]
+    assert offered == [*taken, refused], "once one event is buffered, the next wait behind it"
+    accept = True
+    unread = (await backend.log.append(thinking("s1", 5))).id
+    await asyncio.sleep(0.05)
+    assert offered == [*taken, refused], "nothing is offered while the reader is not waiting"
+    assert [event.id for event in await take(subscription, 1)] == [unread]
+    subscription.write_through(None)
+    reading = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0.01)
+    last = (await backend.log.append(thinking("s1", 6))).id
+    assert [event.id for event in await asyncio.wait_for(reading, 5)] == [last]
+    assert offered == [*taken, refused]
+
+
 async def test_retention_trims_the_oldest_events_of_a_session(backend: Backend) -> None:
     appended: list[int] = []
     for n in range(3 * RETENTION + 7):

@@ -2,7 +2,9 @@
 
 This is the hot path of delivery: one ``publish`` per event reaches every subscriber of that session (and only
 those), doing O(1) work for each: one list append and, when its reader is parked, one wake-up. Nothing is encoded
-here; every subscriber receives the same :class:`StoredEvent`, whose SSE frame was made once at append.
+here; every subscriber receives the same :class:`StoredEvent`, whose SSE frame was made once at append. A reader
+that can take an event on the spot (a stream whose socket is free, see :meth:`BufferedSubscription.write_through`)
+gets it within ``publish`` instead, with neither the append nor the wake-up.
 
 Everything runs on one event loop: ``publish``, ``subscribe``, ``close`` and ``next_batch`` must be called from the
 loop that owns the broker (no locks, no thread hops).
@@ -40,11 +42,12 @@ class BufferedSubscription:
 
     A reader that takes its events in batches on purpose (a stream pacing its writes under load) can ask to hear
     when half the buffer is pending (:meth:`notify_when_filling`), so that pacing never turns a reader that keeps
-    up into one cut off as slow.
+    up into one cut off as slow. A reader that can take an event at once while it waits (:meth:`write_through`) is
+    offered it before it is buffered.
     """
 
-    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_on_close", "_on_filling",
-                 "_pending", "_waiter", "session_id")
+    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_offer", "_on_close",
+                 "_on_filling", "_pending", "_waiter", "session_id")
 
     def __init__(self, session_id: str, buffer_size: int,
                  on_close: Callable[[BufferedSubscription], None] | None = None) -> None:
@@ -62,6 +65,7 @@ class BufferedSubscription:
         self._dropped = 0
         self._on_filling: Callable[[], None] | None = None
         self._filling_at = max(1, buffer_size // 2)
+        self._offer: Callable[[StoredEvent], bool] | None = None
 
     @property
     def close_reason(self) -> str | None:
@@ -102,6 +106,18 @@ class BufferedSubscription:
         """Call ``callback`` each time half of the buffer is pending (None: stop)."""
         self._on_filling = callback
 
+    def write_through(self, offer: Callable[[StoredEvent], bool] | None) -> None:
+        """While the reader waits in :meth:`next_batch` with nothing pending, hand each new event to ``offer``
+        first, from within ``publish``; it returns True when it took the event (which then is not buffered, and
+        wakes nobody), False to have it buffered as usual. None: stop.
+
+        Events reach the reader in order either way: an event is offered only when none is pending, and once one is
+        buffered (the reader is being woken) the next ones are buffered behind it until the reader has taken them
+        all and waits again. ``offer`` runs inside ``publish``'s walk over the session's subscriptions, so it must
+        not subscribe, close or unsubscribe anything itself.
+        """
+        self._offer = offer
+
     def close(self, reason: str = "closed") -> None:
         """Stop receiving events; pending ones stay readable (see the class docstring). Idempotent."""
         if self._mark_closed(reason) and self._on_close is not None:
@@ -112,6 +128,10 @@ class BufferedSubscription:
         if self._closed:
             return True
         pending = self._pending
+        if not pending and self._offer is not None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and self._offer(event):
+                return True
         if len(pending) >= self._buffer_size:
             self._dropped += len(pending) + 1
             self._pending = []
@@ -131,6 +151,7 @@ class BufferedSubscription:
             return False
         self._closed = True
         self._close_reason = reason
+        self._offer = self._on_filling = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -7,13 +7,15 @@ behind loses its pending events and its stream; it gets them back by reconnectin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Annotated, Protocol
+from typing import Annotated, Protocol, TypeVar
 
 import structlog
 from fastapi import APIRouter, Header, Query, Request
+from starlette.datastructures import State
 
 from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
 from service.api.problems import ApiError, problem_responses
@@ -26,6 +28,8 @@ from service.container import Container
 from service.domain.errors import LimitExceeded
 from service.domain.events import StoredEvent, connected_frame
 from service.observability.metrics import SSE_CLOSE_REASONS, Metrics
+
+T = TypeVar("T")
 
 router = APIRouter(tags=["stream"])
 log = structlog.get_logger("service.sse")
@@ -58,13 +62,63 @@ class FrameRenderer(Protocol):
         """A last frame, without an id, once the feed has ended (``feed.close_reason`` says why); or None."""
 
 
+class SentTally:
+    """The account of the frames every stream of the application writes, kept in plain numbers as they go out and
+    added to the metrics once per turn of the event loop.
+
+    A live event often goes out on many streams in one turn (every subscriber of its session, from the publisher's
+    turn): its frame's bytes and its type are counted once per stream, as the metrics say, but the delivery latency
+    gets one sample per event and turn, since every stream wrote it at the same moment. A write of several events
+    gives one sample, of its oldest. The account is due at the end of the turn it was made in, well before anyone
+    scrapes it.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._bytes = 0
+        self._by_type: dict[str, int] = {}
+        self._appended: dict[int, float] = {}
+        self._due = False
+
+    def add(self, oldest: StoredEvent, size: int | None = None) -> None:
+        """One write of ``size`` bytes (default: ``oldest``'s frame alone) whose oldest event is ``oldest`` (the
+        caller counts the other events' types)."""
+        self._bytes += len(oldest.frame) if size is None else size
+        by_type = self._by_type
+        by_type[oldest.event_type] = by_type.get(oldest.event_type, 0) + 1
+        if oldest.appended_at:
+            self._appended[oldest.id] = oldest.appended_at
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self.settle)
+
+    def count(self, event_type: str, count: int) -> None:
+        """More events of one write, besides its oldest."""
+        self._by_type[event_type] = self._by_type.get(event_type, 0) + count
+
+    def settle(self) -> None:
+        """Add what was counted to the metrics."""
+        self._due = False
+        metrics = self._metrics
+        now = time.time()
+        for appended in self._appended.values():
+            metrics.sse_delivery_latency.observe(max(0.0, now - appended))
+        metrics.sse_bytes_sent.inc(self._bytes)
+        for event_type, count in self._by_type.items():
+            metrics.count_sent(event_type, count)
+        self._bytes = 0
+        self._by_type = {}
+        self._appended = {}
+
+
 class _Stream:
     """One client's stream (a :class:`~service.api.sse.FrameSource`): its writes, and the account of it (metrics
     and one log line) when it ends."""
 
     def __init__(self, sessions: SessionService, principal: Principal, feed: SessionFeed, session_id: str,
-                 metrics: Metrics, arrived: float, renderer: FrameRenderer | None = None) -> None:
+                 metrics: Metrics, tally: SentTally, arrived: float, renderer: FrameRenderer | None = None) -> None:
         self._sessions = sessions
+        self._tally = tally
         self._principal = principal
         self._feed = feed
         self._session_id = session_id
@@ -120,19 +174,15 @@ class _Stream:
         return self._events
 
     def written(self) -> None:
-        batch, metrics = self._batch, self._metrics
+        batch = self._batch
         self._batch = []
-        first = batch[0]
-        # One latency sample per write, of its oldest event: the write's worst case, at one observation however
-        # many events the write carried (a per-event sample would cost more than the write).
-        if first.appended_at:
-            metrics.sse_delivery_latency.observe(max(0.0, time.time() - first.appended_at))
-        metrics.sse_bytes_sent.inc(self._size)
-        if len(batch) == 1:
-            metrics.count_sent(first.event_type)
-        else:
-            for event_type, count in Counter([event.event_type for event in batch]).items():
-                metrics.count_sent(event_type, count)
+        self._tally.add(batch[0], self._size)
+        if len(batch) > 1:
+            counts = Counter([event.event_type for event in batch])
+            counts[batch[0].event_type] -= 1
+            for event_type, count in counts.items():
+                if count:
+                    self._tally.count(event_type, count)
 
     def closing(self) -> bytes | None:
         last = self._renderer.closing(self._feed) if self._renderer is not None else None
@@ -142,6 +192,10 @@ class _Stream:
 
     def notify_when_filling(self, callback: Callable[[], None]) -> None:
         self._feed.notify_when_filling(callback)
+
+    def write_through(self, write: Callable[[bytes], bool]) -> None:
+        if self._renderer is None:  # a renderer may wait for its frame: it takes the writer's own turn
+            self._feed.write_through(write, self._tally.add)
 
     def gone(self) -> None:
         self._feed.close(CLIENT_GONE)
@@ -226,15 +280,17 @@ async def open_stream(request: Request, principal: Principal, sessions: SessionS
         raise
     log.info("sse_stream_opened", session_id=session_id, last_event_id=after)
     heartbeat = container.settings.sse_heartbeat_seconds
-    stream = _Stream(sessions, principal, feed, session_id, metrics, request_started(request.scope), renderer)
-    return SessionStreamResponse(stream, heartbeat=heartbeat, send_timeout=heartbeat * SEND_TIMEOUT_FACTOR,
-                                 pacer=_pacer(request), headers=STREAM_HEADERS)
-
-
-def _pacer(request: Request) -> WritePacer:
-    """The application's one :class:`WritePacer`, made by its first stream (every stream must share it)."""
     state = request.app.state
-    pacer: WritePacer | None = getattr(state, "write_pacer", None)
-    if pacer is None:
-        pacer = state.write_pacer = WritePacer()
-    return pacer
+    stream = _Stream(sessions, principal, feed, session_id, metrics, _shared(state, "sent_tally", SentTally, metrics),
+                     request_started(request.scope), renderer)
+    return SessionStreamResponse(stream, heartbeat=heartbeat, send_timeout=heartbeat * SEND_TIMEOUT_FACTOR,
+                                 pacer=_shared(state, "write_pacer", WritePacer), headers=STREAM_HEADERS)
+
+
+def _shared(state: State, name: str, make: Callable[..., T], *args: object) -> T:
+    """The application's one ``make(*args)`` under ``name``, made by its first stream (every stream shares it)."""
+    value: T | None = getattr(state, name, None)
+    if value is None:
+        value = make(*args)
+        setattr(state, name, value)
+    return value
