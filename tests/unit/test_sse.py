@@ -139,8 +139,15 @@ def scope(extensions: dict[str, Any] | None = None) -> Scope:
 
 
 @contextlib.asynccontextmanager
-async def streaming(response: EventStreamResponse, client: Client) -> AsyncIterator[asyncio.Task[None]]:
-    running = asyncio.create_task(response(scope(), client.receive, client.send))
+async def streaming(response: EventStreamResponse, client: Client, connection: Connection | None = None
+                    ) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``response`` for ``client``; with ``connection``, under the host as ``alex-server serve`` runs it: the
+    send is uvicorn's own, on that connection, and ``client`` only says when the client leaves."""
+    if connection is None:
+        running = asyncio.create_task(response(scope(), client.receive, client.send))
+    else:
+        extensions = {HANDOFF: Handoff(connection.send, enabled=False)}
+        running = asyncio.create_task(response(scope(extensions), client.receive, connection.send))
     try:
         yield running
     finally:
@@ -241,22 +248,6 @@ async def uvicorn_connection() -> AsyncIterator[Connection]:
         peer.close()
 
 
-@contextlib.asynccontextmanager
-async def through_uvicorn(response: EventStreamResponse, connection: Connection, client: Client
-                          ) -> AsyncIterator[asyncio.Task[None]]:
-    """``response`` under the host, as ``alex-server serve`` runs it: uvicorn's own send, the client's receive."""
-    extensions = {HANDOFF: Handoff(connection.send, enabled=False)}
-    running = asyncio.create_task(response(scope(extensions), client.receive, connection.send))
-    try:
-        yield running
-    finally:
-        if not running.done():
-            client.left.set()
-        async with asyncio.timeout(GUARD):
-            with contextlib.suppress(Exception):
-                await running
-
-
 async def test_the_socket_writer_knows_uvicorns_cycle_once_its_chunked_head_is_out() -> None:
     async with uvicorn_connection() as connection:
         send = connection.send
@@ -277,7 +268,7 @@ async def test_the_socket_writer_knows_uvicorns_cycle_once_its_chunked_head_is_o
 async def test_under_uvicorn_an_idle_stream_writes_each_event_from_the_publishers_turn() -> None:
     source, client = Source(), Client()
     async with uvicorn_connection() as connection:
-        async with through_uvicorn(EventStreamResponse(source, heartbeat=60, send_timeout=120), connection, client):
+        async with streaming(EventStreamResponse(source, heartbeat=60, send_timeout=120), client, connection):
             await connection.read_until(lambda got: connected_frame("s1") in got)
             await asyncio.sleep(0.01)  # the writer parks on the subscription
             source.publish(3)
@@ -303,7 +294,7 @@ async def test_without_the_servers_send_events_wait_for_the_writers_turn() -> No
 async def test_events_for_a_socket_that_takes_no_more_bytes_wait_for_it_in_order() -> None:
     source, client = Source(), Client()
     async with uvicorn_connection() as connection:
-        async with through_uvicorn(EventStreamResponse(source, heartbeat=60, send_timeout=120), connection, client):
+        async with streaming(EventStreamResponse(source, heartbeat=60, send_timeout=120), client, connection):
             await connection.read_until(lambda got: connected_frame("s1") in got)
             await asyncio.sleep(0.01)
             source.publish()
@@ -324,7 +315,7 @@ async def test_a_socket_that_never_takes_bytes_again_ends_the_stream_as_stalled(
     source, client = Source(), Client()
     async with uvicorn_connection() as connection:
         response = EventStreamResponse(source, heartbeat=0.02, send_timeout=0.04)
-        async with through_uvicorn(response, connection, client) as running:
+        async with streaming(response, client, connection) as running:
             await connection.read_until(lambda got: connected_frame("s1") in got)
             connection.cycle.flow.pause_writing()
             source.publish()
