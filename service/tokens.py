@@ -7,6 +7,13 @@ data folder (mode 0600), so that a fresh install is secure and ``alex-server tok
 
 Each key source fixes the algorithms it accepts, so ``alg: none`` and algorithm confusion (an HS256 token signed
 with a public key's bytes) are refused before any signature is checked.
+
+A client sends the same token with every request until it expires, so the verifier remembers the tokens it
+accepted (:data:`VERIFIED_TOKENS`, the most recently used): a token seen again skips the signature and the claims'
+parsing, but its times are checked again as they were the first time (``exp``, ``nbf`` and ``iat`` against the
+clock, with the leeway), and the key its source gives for it now must be the very key that verified it, else the
+token is verified afresh (a rotated key set, a refreshed JWKS). Only accepted tokens are kept; a refused one is
+checked in full every time.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,8 @@ from service.config import Settings
 
 ALGORITHM = "HS256"
 LEEWAY_SECONDS = 30
+VERIFIED_TOKENS = 4096
+"""How many accepted tokens a verifier remembers (a few hundred bytes each)."""
 
 
 class InvalidToken(Exception):
@@ -160,16 +170,37 @@ def parse_scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(found)
 
 
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    """What a full verification of a token found, enough to accept it again without one."""
+
+    principal: Principal
+    header: dict[str, Any]
+    key: Any
+    algorithm: str
+    expires: int
+    not_before: int | None
+    """The later of ``nbf`` and ``iat``, when the token has either."""
+
+
 class TokenVerifier:
     """Checks a token's signature and claims (``sub`` and ``exp`` required; ``nbf``/``iat`` with a leeway;
-    ``iss``/``aud`` when configured) and returns who it names."""
+    ``iss``/``aud`` when configured) and returns who it names. Accepted tokens are remembered (see the module's
+    docstring)."""
 
     def __init__(self, keys: str | KeySource, *, issuer: str | None = None, audience: str | None = None,
-                 leeway: float = LEEWAY_SECONDS) -> None:
+                 leeway: float = LEEWAY_SECONDS, remember: int = VERIFIED_TOKENS) -> None:
         self._keys: KeySource = SharedSecret(keys) if isinstance(keys, str) else keys
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+        self._remember = remember
+        self._accepted: OrderedDict[str, _Accepted] = OrderedDict()
+
+    @property
+    def remembered(self) -> int:
+        """How many accepted tokens are remembered now."""
+        return len(self._accepted)
 
     async def refresh_keys(self, token: str) -> None:
         """Fetch the key set again for a token whose key is unknown; :class:`KeysUnavailable` when it can't."""
@@ -181,12 +212,38 @@ class TokenVerifier:
 
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; :class:`InvalidToken`, or :class:`KeyNotCached` for an unknown key."""
+        accepted = self._accepted.get(token)
+        if accepted is not None:
+            if self._still_valid(accepted):
+                self._accepted.move_to_end(token)
+                return accepted.principal
+            del self._accepted[token]
+        accepted = self._verify(token)
+        if self._remember > 0:
+            self._accepted[token] = accepted
+            if len(self._accepted) > self._remember:
+                self._accepted.popitem(last=False)
+        return accepted.principal
+
+    def _still_valid(self, accepted: _Accepted) -> bool:
+        """Whether a remembered token passes now what it passed then; raises what the key source raises for it
+        (an unknown key, a key set to fetch again), exactly as a full verification would."""
+        key, algorithms = self._keys.key_for(accepted.header)
+        if key is not accepted.key or accepted.algorithm not in algorithms:
+            return False
+        now = time.time()
+        if accepted.expires <= now - self._leeway:
+            return False
+        return accepted.not_before is None or accepted.not_before <= now + self._leeway
+
+    def _verify(self, token: str) -> _Accepted:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             raise InvalidToken("malformed token") from None
         key, algorithms = self._keys.key_for(header)
-        if header.get("alg") not in algorithms:
+        algorithm = header.get("alg")
+        if algorithm not in algorithms:
             raise InvalidToken("algorithm not allowed")
         options: jwt.types.Options = {"require": ["sub", "exp"], "verify_aud": self._audience is not None}
         try:
@@ -218,7 +275,10 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("missing claim sub")
-        return Principal(subject, parse_scopes(claims))
+        # jwt.decode checked that these are integers (or convert to one), as it compares them the same way.
+        starts = [int(claims[name]) for name in ("nbf", "iat") if name in claims]
+        return _Accepted(Principal(subject, parse_scopes(claims)), header, key, str(algorithm), int(claims["exp"]),
+                         max(starts) if starts else None)
 
 
 def mint_token(secret: str, subject: str, scopes: Iterable[str], ttl_seconds: int,

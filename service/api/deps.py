@@ -1,4 +1,9 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the container's parts, and the authenticated principal."""
+"""FastAPI dependencies as ``Annotated`` aliases: the container's parts, and the authenticated principal.
+
+The aliases read the container from the request themselves rather than through ``ContainerDep``: FastAPI solves
+every sub-dependency of every use again before it looks in its per-request cache, so a shared ``ContainerDep``
+under the runner, the principal and the scope check cost several solves per request for one attribute read.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +38,12 @@ async def get_container(request: Request) -> Container:
 ContainerDep = Annotated[Container, Depends(get_container)]
 
 
-async def get_runner(container: ContainerDep) -> TaskRunner:
-    return container.runner
+async def get_runner(request: Request) -> TaskRunner:
+    return container_of(request).runner
 
 
-async def get_sessions(container: ContainerDep) -> SessionService:
-    return container.sessions
+async def get_sessions(request: Request) -> SessionService:
+    return container_of(request).sessions
 
 
 RunnerDep = Annotated[TaskRunner, Depends(get_runner)]
@@ -94,10 +99,10 @@ _BEARER = HTTPBearer(auto_error=False, description="A JWT; see docs/security.md 
 
 async def authenticate(
     request: Request,
-    container: ContainerDep,
     # Declares the scheme in the OpenAPI document; the token itself is read by bearer_token (cookie and query too).
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
 ) -> Principal:
+    container = container_of(request)
     if container.verifier is None:
         return _ANONYMOUS
     cached: Principal | None = getattr(request.state, "principal", None)
@@ -178,10 +183,10 @@ async def verify_token(verifier: TokenVerifier, token: str) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require(scope: str) -> Callable[[Principal, Container], Awaitable[Principal]]:
-    async def check(principal: PrincipalDep, container: ContainerDep) -> Principal:
+def require(scope: str) -> Callable[[Principal, Request], Awaitable[Principal]]:
+    async def check(principal: PrincipalDep, request: Request) -> Principal:
         if not principal.has(scope):
-            container.metrics.auth_failures.labels("insufficient_scope").inc()
+            container_of(request).metrics.auth_failures.labels("insufficient_scope").inc()
             raise ApiError(
                 403,
                 f"the token lacks the scope {scope}",

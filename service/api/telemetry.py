@@ -155,9 +155,9 @@ class RequestTelemetry:
                 started: float) -> None:
         seconds = time.monotonic() - started
         route = route_template(scope)
-        self._metrics.http_requests.labels(method, route, str(status)).inc()
+        self._metrics.http_requests_by(method, route, str(status)).inc()
         if not streaming:
-            self._metrics.http_request_duration.labels(method, route).observe(seconds)
+            self._metrics.http_request_duration_by(method, route).observe(seconds)
         span.update_name(f"{method} {route}" if route != UNMATCHED else method)
         span.set_attribute("http.response.status_code", status)
         if route != UNMATCHED:

@@ -51,17 +51,23 @@ SUBMITTED_CONTEXTS = 1024
 
 
 class SessionTodoList:
-    """The todo tools' view of a session's todos, kept in the session store."""
+    """The todo tools' view of a session's todos, kept in the session store.
 
-    def __init__(self, store: SessionStore, session_id: str) -> None:
+    The list is read with the session when the task starts and kept in step with every write: only the session's
+    running task writes its todos (one task runs per session at a time), so a read needs no trip to the store.
+    """
+
+    def __init__(self, store: SessionStore, session_id: str, todos: Sequence[Todo]) -> None:
         self._store = store
         self._session_id = session_id
+        self._todos = list(todos)
 
     async def read(self) -> list[Todo]:
-        return await self._store.get_todos(self._session_id)
+        return list(self._todos)
 
     async def write(self, todos: Sequence[Todo]) -> None:
         await self._store.set_todos(self._session_id, todos)
+        self._todos = list(todos)
 
 
 @dataclass(slots=True)
@@ -429,7 +435,7 @@ class TaskRunner:
             loaded = True
             workspace = await self._workspaces.ensure(task.session_id)
             request = TaskRequest(task.session_id, task.id, task.text, task.trace_id)
-            todos = SessionTodoList(self._store, task.session_id)
+            todos = SessionTodoList(self._store, task.session_id, session.todos if session else [])
             result = await self._engine.run(request, conversation, sink, workspace=workspace, todos=todos,
                                             progress=handle.progress)
             handle.finishing = True
@@ -505,8 +511,8 @@ class TaskRunner:
     def _observe_finished(self, task: Task, seconds: float) -> None:
         outcome = task.status.value
         metrics = self._metrics
-        metrics.tasks_finished.labels(outcome).inc()
-        metrics.task_duration.labels(outcome).observe(seconds)
+        metrics.tasks_finished_by(outcome).inc()
+        metrics.task_duration_by(outcome).observe(seconds)
         metrics.task_iterations.observe(task.iterations)
 
     @staticmethod

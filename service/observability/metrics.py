@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import platform
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -100,6 +101,27 @@ AUTH_FAILURE_REASONS = (
 )
 UNKNOWN_TOOL = "unknown"
 """The ``tool`` label of a call to a tool the registry does not have (the model's name is not a bounded value)."""
+
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Series(Generic[M]):
+    """A labelled metric's series, each resolved once and kept: ``labels()`` takes a lock and checks its arguments
+    on every call, and the engine and the request telemetry ask for the same few series several times per task.
+    Labels are bounded (see the module's docstring), so what is kept is too."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -212,6 +234,8 @@ class Metrics:
             f"{PREFIX}_build_info", "Always 1; the labels say what runs.",
             ["version", "python_version", "provider", "model"], registry=r)
 
+        self._keep_series()
+
         for reason in SSE_CLOSE_REASONS:
             self.sse_connections_closed.labels(reason)
         for reason in SSE_DROP_REASONS:
@@ -225,6 +249,18 @@ class Metrics:
             self.task_duration.labels(outcome)
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
+
+    def _keep_series(self) -> None:
+        """The series the hot paths record into (see :class:`Series`)."""
+        self.tasks_finished_by = Series(self.tasks_finished)
+        self.task_duration_by = Series(self.task_duration)
+        self.genai_duration_by = Series(self.genai_duration)
+        self.genai_tokens_by = Series(self.genai_tokens)
+        self.llm_time_to_first_chunk_by = Series(self.llm_time_to_first_chunk)
+        self.tool_calls_by = Series(self.tool_calls)
+        self.tool_duration_by = Series(self.tool_duration)
+        self.http_requests_by = Series(self.http_requests)
+        self.http_request_duration_by = Series(self.http_request_duration)
 
     def count_sent(self, event_type: str, count: int = 1) -> None:
         child = self.sse_sent_by_type.get(event_type)

@@ -152,3 +152,14 @@ def test_the_metrics_port_must_not_be_the_main_one(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ALEX_METRICS_PORT", "9000")
     with pytest.raises(ConfigError, match=r"^ALEX_METRICS_PORT: must differ from PORT"):
         load_settings()
+
+
+def test_a_series_kept_by_the_metrics_records_into_the_labelled_series() -> None:
+    metrics = Metrics(process=False)
+    assert metrics.tool_calls_by("list_files", "ok") is metrics.tool_calls_by("list_files", "ok")
+    metrics.tool_calls_by("list_files", "ok").inc()
+    metrics.tool_calls.labels("list_files", "ok").inc()
+    metrics.http_request_duration_by("POST", "/api/tasks").observe(0.002)
+    sample = metrics.registry.get_sample_value
+    assert sample("alex_tool_calls_total", {"tool": "list_files", "outcome": "ok"}) == 2
+    assert sample("alex_http_request_duration_seconds_count", {"method": "POST", "route": "/api/tasks"}) == 1

@@ -17,6 +17,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from service.adapters.broker.memory import MemoryBroker
 from service.adapters.broker.tasks import LocalTaskBoard
 from service.adapters.store.memory import MemoryEventLog, MemorySessionStore
+from service.adapters.tools.todo import TodoReadTool, TodoWriteTool
 from service.app.access import DEFAULT_SCOPES, Principal
 from service.app.runner import INTERRUPTED_BY_RESTART, INTERRUPTED_BY_SHUTDOWN, TaskRunner
 from service.app.sessions import SessionService
@@ -193,6 +194,27 @@ async def test_the_sessions_messages_are_saved_and_the_next_task_continues_them(
     await rig.store.finished(second.id)
     sent = rig.model.requests[2]
     assert [m.content for m in sent] == ["sys", "list the files", "", "a.txt", "One file.", "and now?"]
+
+
+async def test_a_task_reads_the_todos_earlier_tasks_left_and_its_own_writes(rigs: RigFactory) -> None:
+    first_list = [{"id": "1", "content": "look around", "status": "in_progress"}]
+    second_list = [{"id": "1", "content": "look around", "status": "completed"},
+                   {"id": "2", "content": "answer", "status": "pending"}]
+    rig = rigs([tool_turn(call("todo_write", {"todos": first_list})), answer("Planned."),
+                tool_turn(call("todo_read", {}, "call_2")),
+                tool_turn(call("todo_write", {"todos": second_list}, "call_3")),
+                tool_turn(call("todo_read", {}, "call_4")), answer("Done.")],
+               [TodoReadTool(), TodoWriteTool()])
+
+    first = await rig.runner.submit(ALICE, "plan", "s_todos")
+    await rig.store.finished(first.id)
+    second = await rig.runner.submit(ALICE, "go on", "s_todos")
+    await rig.store.finished(second.id)
+
+    results = [e.to_dict()["result"] for e in await rig.events("s_todos") if e.event_type == "tool_call_complete"]
+    assert results[1] == "[~] 1. look around"  # left by the first task, read by the second
+    assert results[3] == "[x] 1. look around\n[ ] 2. answer"  # the second task's own write
+    assert [todo.to_dict() for todo in await rig.store.get_todos("s_todos")] == second_list
 
 
 async def test_the_task_can_be_read_by_its_owner_and_an_admin_only(rigs: RigFactory) -> None:

@@ -15,6 +15,7 @@ from service.config import load_settings
 from service.tokens import (
     LEEWAY_SECONDS,
     InvalidToken,
+    KeyNotCached,
     TokenVerifier,
     load_or_create_secret,
     mint_token,
@@ -211,3 +212,96 @@ def test_signing_key_generates_one_in_the_data_folder(monkeypatch: pytest.Monkey
     assert signing_key(settings) == key
     token = mint_token(key.secret, "carol", ["sessions:read"], 60)
     assert TokenVerifier(key.secret).verify(token).subject == "carol"
+
+
+# --- remembered tokens: a token seen again is accepted only while a full verification would accept it ----------
+
+
+class SwappableKey:
+    """A key source whose key (and algorithms) the test changes, as a rotated key set would."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.algorithms = ["HS256"]
+        self.unknown = False
+
+    def key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
+        if self.unknown:
+            raise KeyNotCached(header.get("kid"))
+        return self.secret, self.algorithms
+
+    async def refresh(self, kid: str | None) -> None:
+        return None
+
+
+def test_a_token_seen_again_is_accepted_again_and_remembered_once() -> None:
+    verifier = TokenVerifier(SECRET)
+    token = encode(claims())
+    assert verifier.verify(token) == verifier.verify(token) == Principal(
+        "alice", frozenset({"tasks:write", "sessions:read"}))
+    assert verifier.remembered == 1
+
+
+def test_a_refused_token_is_not_remembered() -> None:
+    verifier = TokenVerifier(SECRET)
+    assert refused(encode(claims(), OTHER_SECRET), verifier) == "bad signature"
+    assert refused(encode(claims(exp=int(time.time()) - 600)), verifier) == "token expired"
+    assert verifier.remembered == 0
+
+
+def test_a_remembered_token_is_refused_once_it_expires() -> None:
+    verifier = TokenVerifier(SECRET, leeway=0)
+    expires = int(time.time()) + 1
+    token = encode(claims(exp=expires))
+    verifier.verify(token)
+    assert verifier.remembered == 1
+    time.sleep(max(0.0, expires - time.time()) + 0.05)
+    assert refused(token, verifier) == "token expired"
+    assert verifier.remembered == 0
+
+
+def test_a_remembered_token_is_refused_when_the_key_changes() -> None:
+    keys = SwappableKey(SECRET)
+    verifier = TokenVerifier(keys)
+    token = encode(claims())
+    verifier.verify(token)
+    keys.secret = OTHER_SECRET
+    assert refused(token, verifier) == "bad signature"
+    keys.secret = SECRET  # back to the key that signed it: verified afresh, accepted
+    assert verifier.verify(token).subject == "alice"
+
+
+def test_a_remembered_token_is_refused_when_its_algorithm_is_no_longer_allowed() -> None:
+    keys = SwappableKey(SECRET)
+    verifier = TokenVerifier(keys)
+    token = encode(claims())
+    verifier.verify(token)
+    keys.algorithms = ["HS512"]
+    assert refused(token, verifier) == "algorithm not allowed"
+
+
+def test_a_remembered_token_whose_key_must_be_fetched_again_says_so() -> None:
+    keys = SwappableKey(SECRET)
+    verifier = TokenVerifier(keys)
+    token = encode(claims())
+    verifier.verify(token)
+    keys.unknown = True
+    with pytest.raises(KeyNotCached):
+        verifier.verify(token)
+
+
+def test_a_remembered_token_is_checked_against_the_verifiers_issuer_and_audience_of_its_first_check() -> None:
+    token = encode(claims(iss="alex", aud="alex-api"))
+    assert TokenVerifier(SECRET, issuer="alex", audience="alex-api").verify(token).subject == "alice"
+    # Another verifier (another configuration) remembers nothing of the first.
+    assert refused(token, TokenVerifier(SECRET, issuer="other", audience="alex-api")) == "wrong issuer"
+
+
+def test_only_the_most_recently_used_tokens_are_remembered() -> None:
+    verifier = TokenVerifier(SECRET, remember=2)
+    tokens = [encode(claims(sub=f"user-{n}")) for n in range(3)]
+    for token in tokens:
+        verifier.verify(token)
+    assert verifier.remembered == 2
+    assert [verifier.verify(token).subject for token in tokens] == ["user-0", "user-1", "user-2"]
+    assert verifier.remembered == 2

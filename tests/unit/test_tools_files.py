@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.adapters.tools.files import FileEditTool, FileReadTool, FileWriteTool
-from service.adapters.tools.workspace import resolve_in_workspace, workspace_relative
+from service.adapters.tools.workspace import locate, resolve_in_workspace, workspace_relative
 from service.domain.tools import ToolError, ToolRegistry
 from tests.unit.tool_helpers import make_context
 
@@ -68,6 +68,25 @@ def test_a_symlink_loop_is_refused(workspace: Path) -> None:
     (workspace / "loop").symlink_to("loop")
     with pytest.raises(ToolError):
         resolve_in_workspace(workspace, "loop/x")
+
+
+@pytest.mark.parametrize("relative", [".", "./", "a.txt", "src//b.py", "alias/f.txt", "new/dir/c.txt"])
+def test_locate_is_resolve_and_relative_together(workspace: Path, tmp_path: Path, relative: str) -> None:
+    (workspace / "real").mkdir()
+    (workspace / "alias").symlink_to("real")
+    (tmp_path / "elsewhere").symlink_to(workspace, target_is_directory=True)
+    for folder in (workspace, tmp_path / "elsewhere"):  # also a workspace reached through a link
+        located = locate(folder, relative)
+        assert located.path == resolve_in_workspace(folder, relative)
+        assert located.shown == workspace_relative(folder, located.path)
+        assert located.root == workspace.resolve()
+
+
+def test_locate_refuses_what_resolve_refuses(workspace: Path) -> None:
+    (workspace / "etc").symlink_to("/etc")
+    for relative in ("../x", "/etc", "", "etc/passwd"):
+        with pytest.raises(ToolError):
+            locate(workspace, relative)
 
 
 def test_a_relative_workspace_is_resolved(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

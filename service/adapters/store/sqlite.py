@@ -4,6 +4,12 @@ SQLite calls block, so none of them runs on the event loop: :meth:`SqliteDatabas
 thread that owns the connection. One thread means the calls run one after the other in the order they were sent,
 which the adapters rely on (a write sent before a read is visible to that read) and which makes a single
 connection safe without locks.
+
+The hand-off goes in batches, not through ``run_in_executor``: a task makes several store calls and the statements
+take microseconds, so a ``concurrent.futures`` future, its chaining to an asyncio future, and a wake-up of the thread
+and then of the loop for every call cost more than the SQL (the server usually runs on one core, where each wake-up
+is a switch of threads). The calls of one turn of the event loop go to the thread together, and their answers come
+back together (see :class:`DatabaseThread`).
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -80,18 +87,95 @@ _MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
+_Call = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+_Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+class DatabaseThread:
+    """The one thread that runs a connection's calls, in the order they were sent, for one event loop.
+
+    :meth:`submit` returns a future of the loop. The calls submitted during one turn of the loop go to the thread
+    together, at the end of that turn; the thread runs every call waiting and settles their futures with one
+    callback. A turn of the loop thus wakes the thread at most once, and the thread wakes the loop once per batch,
+    however many tasks called the store meanwhile. A call whose future was cancelled before the thread reached it
+    is skipped; one already running finishes (its answer is dropped).
+    """
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: list[_Call] = []
+        self._batches: queue.SimpleQueue[list[_Call] | None] = queue.SimpleQueue()
+        # A daemon: a database somebody forgot to close must not keep the interpreter from exiting.
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        if asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError("the database is used from another event loop than the one that opened it")
+        future: asyncio.Future[T] = self._loop.create_future()
+        pending = self._pending
+        pending.append((call, future))
+        if len(pending) == 1:
+            self._loop.call_soon(self._hand_over)
+        return future
+
+    def _hand_over(self) -> None:
+        batch, self._pending = self._pending, []
+        self._batches.put(batch)
+
+    def stop(self) -> None:
+        """Let the thread run what was sent, then end it; waits for it."""
+        if self._pending:
+            self._hand_over()
+        self._batches.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        batches = self._batches
+        while True:
+            batch = batches.get()
+            answers: list[_Answer] = []
+            while batch is not None:
+                for call, future in batch:
+                    if future.cancelled():
+                        continue
+                    try:
+                        answers.append((future, call(), None))
+                    except BaseException as exc:  # handed to the caller, as an executor would
+                        answers.append((future, None, exc))
+                try:
+                    batch = batches.get_nowait()
+                except queue.Empty:
+                    break
+            if answers:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    self._loop.call_soon_threadsafe(_settle, answers)
+            if batch is None:
+                return
+
+
+def _settle(answers: list[_Answer]) -> None:
+    for future, result, error in answers:
+        if future.cancelled():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
 class SqliteDatabase:
-    """One SQLite connection, used only from its own worker thread; open with :meth:`open`.
+    """One SQLite connection, used only from its own thread (:class:`DatabaseThread`); open with :meth:`open`.
 
     The database runs in WAL mode with ``synchronous=NORMAL``: readers never block the writer, and a commit is
     durable against a process crash (a power loss may take the last commits back, never corrupt the file).
     Connections run in autocommit mode; write several statements atomically with :func:`transaction`.
     """
 
-    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, connection: sqlite3.Connection, thread: DatabaseThread) -> None:
         """Use :meth:`open`."""
         self._connection: sqlite3.Connection | None = connection
-        self._executor = executor
+        self._thread = thread
 
     @classmethod
     async def open(cls, path: Path | str, *, busy_timeout_ms: int = 5000) -> SqliteDatabase:
@@ -99,14 +183,13 @@ class SqliteDatabase:
 
         ``path`` may be :data:`MEMORY`. Raises ``RuntimeError`` for a database written by a newer version.
         """
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        thread = DatabaseThread("sqlite", asyncio.get_running_loop())
         try:
-            connection = await asyncio.get_running_loop().run_in_executor(
-                executor, _connect, str(path), busy_timeout_ms)
+            connection = await thread.submit(functools.partial(_connect, str(path), busy_timeout_ms))
         except BaseException:
-            executor.shutdown(wait=True)
+            thread.stop()
             raise
-        return cls(connection, executor)
+        return cls(connection, thread)
 
     async def run(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args,
                   **kwargs: P.kwargs) -> T:
@@ -118,8 +201,7 @@ class SqliteDatabase:
         connection = self._connection
         if connection is None:
             raise RuntimeError("the database is closed")
-        call = functools.partial(fn, connection, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._thread.submit(functools.partial(fn, connection, *args, **kwargs))
 
     @property
     def closed(self) -> bool:
@@ -132,10 +214,10 @@ class SqliteDatabase:
             return
         self._connection = None
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, connection.close)
+            await self._thread.submit(connection.close)
         finally:
             # The queue is empty by now (the close ran last), so this only joins an idle thread.
-            self._executor.shutdown(wait=True)
+            self._thread.stop()
 
 
 @contextlib.contextmanager
@@ -162,9 +244,9 @@ def _rollback(connection: sqlite3.Connection) -> None:
 
 def to_db_time(moment: datetime) -> str:
     """A fixed-width ISO 8601 UTC string (microseconds kept), which sorts in time order; naive means UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+    if moment.tzinfo is not UTC:  # every time the service makes is already UTC: one call per stored event
+        moment = (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment).astimezone(UTC)
+    return moment.isoformat(timespec="microseconds")
 
 
 def from_db_time(text: str) -> datetime:

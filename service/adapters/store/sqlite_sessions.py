@@ -84,6 +84,11 @@ def _ping(connection: sqlite3.Connection) -> None:
 
 
 def _create_session(connection: sqlite3.Connection, session: Session) -> Session:
+    # A session that exists is returned as it is, without taking the write lock: most calls claim an id their
+    # caller already holds (a task submitted on the session its stream opened).
+    existing = _get_session(connection, session.id)
+    if existing is not None:
+        return existing
     # Both statements in one transaction on the one connection: no other writer can slip between them, and the
     # session returned is the one that holds the id, whoever created it.
     with transaction(connection):

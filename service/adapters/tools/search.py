@@ -1,8 +1,8 @@
 """The search tools: list a folder of the workspace, and grep its text files.
 
-Both walk the tree in a thread, children sorted by name, without following symbolic links (a link is listed,
-never entered or read, so none leads out of the workspace). Cancelling a search stops the walk at the next
-entry.
+Both check the path and walk the tree in a thread (one hand-off per call), children sorted by name, without
+following symbolic links (a link is listed, never entered or read, so none leads out of the workspace). Cancelling
+a search stops the walk at the next entry.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from service.adapters.tools.workspace import locate_in_workspace
+from service.adapters.tools.workspace import locate
 from service.domain.tools import ToolContext, ToolError
 
 _T = TypeVar("_T")
@@ -68,22 +68,23 @@ class ListFilesTool:
         )
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        folder, shown = await locate_in_workspace(context.workspace, str(arguments.get("path", ".")))
+        relative = str(arguments.get("path", "."))
         recursive = bool(arguments.get("recursive", False))
 
-        def collect(stop: threading.Event) -> tuple[list[str], bool]:
+        def collect(stop: threading.Event) -> tuple[str, list[str], bool]:
+            located = locate(context.workspace, relative)
+            folder, shown, root = located.path, located.shown, located.root
             if not folder.is_dir():
                 raise ToolError(f"{shown} is not a folder" if folder.exists() else f"{shown} does not exist")
-            root = context.workspace.resolve()
             entries: list[str] = []
             for entry in _walk(folder, recursive, stop):
                 if len(entries) == self._max:
-                    return entries, True
+                    return shown, entries, True
                 suffix = "/" if entry.is_dir(follow_symlinks=False) else ""
                 entries.append(Path(entry.path).relative_to(root).as_posix() + suffix)
-            return entries, False
+            return shown, entries, False
 
-        entries, capped = await _in_thread(collect)
+        shown, entries, capped = await _in_thread(collect)
         if not entries:
             return f"[{shown} is empty]"
         text = "\n".join(entries)
@@ -121,13 +122,14 @@ class GrepTool:
             pattern = re.compile(str(arguments["pattern"]), flags)
         except re.error as exc:
             raise ToolError(f"invalid regular expression: {exc}") from None
-        start, shown = await locate_in_workspace(context.workspace, str(arguments.get("path", ".")))
+        named = str(arguments.get("path", "."))
         glob = arguments.get("glob")
 
         def search(stop: threading.Event) -> tuple[list[str], bool]:
+            located = locate(context.workspace, named)
+            start, shown, root = located.path, located.shown, located.root
             if not start.exists():
                 raise ToolError(f"{shown} does not exist")
-            root = context.workspace.resolve()
             matches: list[str] = []
             for path in _files(start, stop):
                 relative = path.relative_to(root).as_posix()

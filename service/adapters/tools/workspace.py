@@ -8,6 +8,7 @@ re-pointed by a command before it is used.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from service.domain.tools import ToolError
@@ -21,6 +22,11 @@ def resolve_in_workspace(workspace: Path, relative: str) -> Path:
     parent for a file not yet created) is outside the workspace. The path need not exist. The result is
     absolute with every symbolic link resolved, so it can be shown with :func:`workspace_relative`.
     """
+    return _resolve(workspace, relative)[1]
+
+
+def _resolve(workspace: Path, relative: str) -> tuple[Path, Path]:
+    """The workspace's real path and that of ``relative`` in it (see :func:`resolve_in_workspace`)."""
     if not relative.strip():
         raise ToolError("the path is empty; use '.' for the workspace itself")
     if "\x00" in relative:
@@ -34,14 +40,15 @@ def resolve_in_workspace(workspace: Path, relative: str) -> Path:
         root = workspace.resolve()
         # resolve() follows every link that exists along the way, dangling ones included, and keeps the
         # not-yet-existing rest as written: that is the parent-chain check for files about to be created.
-        target = root.joinpath(*candidate.parts).resolve()
+        # "." is the workspace itself, whose real path is already known.
+        target = root.joinpath(*candidate.parts).resolve() if candidate.parts else root
     except RuntimeError:  # pathlib's report of a symbolic link loop
         raise ToolError(f"{relative!r} goes through a symbolic link loop") from None
     except OSError as exc:
         raise ToolError(f"cannot resolve {relative!r}: {exc.strerror or exc}") from None
     if target != root and root not in target.parents:
         raise ToolError(f"{relative!r} leads outside the workspace (through a symbolic link)")
-    return target
+    return root, target
 
 
 def workspace_relative(workspace: Path, path: Path) -> str:
@@ -51,12 +58,25 @@ def workspace_relative(workspace: Path, path: Path) -> str:
     return relative or "."
 
 
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A path the model named, checked: its real path, how to show it, and the workspace's real path."""
+
+    path: Path
+    shown: str
+    root: Path
+
+
+def locate(workspace: Path, relative: str) -> Located:
+    """:func:`resolve_in_workspace` and :func:`workspace_relative` together, resolving the workspace once.
+
+    It reads the disk: call it from a thread, as part of the tool's own work there (one hand-off, not two).
+    """
+    root, path = _resolve(workspace, relative)
+    return Located(path, path.relative_to(root).as_posix() or ".", root)
+
+
 async def locate_in_workspace(workspace: Path, relative: str) -> tuple[Path, str]:
-    """:func:`resolve_in_workspace` and :func:`workspace_relative` together, run in a thread: resolving a path
-    reads the disk, which the event loop must not wait on."""
-
-    def locate() -> tuple[Path, str]:
-        path = resolve_in_workspace(workspace, relative)
-        return path, workspace_relative(workspace, path)
-
-    return await asyncio.to_thread(locate)
+    """:func:`locate` run in a thread: resolving a path reads the disk, which the event loop must not wait on."""
+    located = await asyncio.to_thread(locate, workspace, relative)
+    return located.path, located.shown

@@ -127,7 +127,7 @@ async def page_principal(request: Request, container: Container) -> Principal | 
     try:
         if container.verifier is not None and bearer_token(request) is None:
             return None  # a first visit, not an authentication failure
-        return await authenticate(request, container)
+        return await authenticate(request)
     except AuthFailure as exc:
         if exc.status == 503:
             raise
