@@ -31,9 +31,10 @@ import structlog
 from redis.asyncio import Redis
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
+from service.adapters.jsoncodec import dumps_text
 from service.adapters.redis.client import BLOCK_SECONDS, UNREACHABLE, ControlBus, Keys, reachable, stop
 from service.domain.errors import Unavailable
-from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent, encode_json
+from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
 
 log = structlog.get_logger("service.redis.events")
 
@@ -157,7 +158,7 @@ class RedisEventLog:
             return self._hold(event)
 
     async def _write(self, event: Event) -> StoredEvent:
-        data = encode_json(event.to_dict(""))
+        data = dumps_text(event.to_dict(""))
         appended_at = time.time()
         event_id = int(await self._append(
             keys=[self._keys.events(event.session_id), self._keys.event_ids],
@@ -174,7 +175,7 @@ class RedisEventLog:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="redis event backlog")
         return StoredEvent.from_json(0, event.session_id, event.task_id, event.event_type,
-                                     encode_json(event.to_dict("")))
+                                     dumps_text(event.to_dict("")))
 
     async def _flush(self) -> None:
         delay = 0.1

@@ -15,9 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from service.adapters.jsoncodec import dumps_text
 from service.adapters.redis.client import Keys, reachable
 from service.adapters.store.sqlite import from_db_time, to_db_time
-from service.domain.events import encode_json, utc_now
+from service.domain.events import utc_now
 from service.domain.models import Session, Task, TaskStatus, Todo
 
 _CREATE_SESSION = """
@@ -89,11 +90,11 @@ def _time(moment: datetime | None) -> str | None:
 
 def session_fields(session: Session) -> dict[str, str]:
     return {
-        "owner": encode_json(session.owner),
-        "created_at": encode_json(to_db_time(session.created_at)),
-        "updated_at": encode_json(to_db_time(session.updated_at)),
-        "messages": encode_json(session.messages),
-        "todos": encode_json([todo.to_dict() for todo in session.todos]),
+        "owner": dumps_text(session.owner),
+        "created_at": dumps_text(to_db_time(session.created_at)),
+        "updated_at": dumps_text(to_db_time(session.updated_at)),
+        "messages": dumps_text(session.messages),
+        "todos": dumps_text([todo.to_dict() for todo in session.todos]),
     }
 
 
@@ -124,7 +125,7 @@ def task_fields(task: Task) -> dict[str, str]:
         "error": task.error,
         "trace_id": task.trace_id,
     }
-    return {name: encode_json(value) for name, value in values.items()}
+    return {name: dumps_text(value) for name, value in values.items()}
 
 
 def task_from_fields(fields: dict[str, str]) -> Task:
@@ -198,7 +199,7 @@ class RedisSessionStore:
         return ids
 
     async def save_messages(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
-        await self._set_session_field(session_id, "messages", encode_json(list(messages)))
+        await self._set_session_field(session_id, "messages", dumps_text(list(messages)))
 
     async def get_todos(self, session_id: str) -> list[Todo]:
         with reachable("read the todos"):
@@ -206,12 +207,12 @@ class RedisSessionStore:
         return [] if raw is None else [Todo.from_dict(todo) for todo in json.loads(raw)]
 
     async def set_todos(self, session_id: str, todos: Sequence[Todo]) -> None:
-        await self._set_session_field(session_id, "todos", encode_json([todo.to_dict() for todo in todos]))
+        await self._set_session_field(session_id, "todos", dumps_text([todo.to_dict() for todo in todos]))
 
     async def _set_session_field(self, session_id: str, field: str, value: str) -> None:
         with reachable(f"save the session's {field}"):
             await self._update_session(keys=[self._keys.session(session_id)],
-                                       args=[field, value, encode_json(to_db_time(utc_now()))])
+                                       args=[field, value, dumps_text(to_db_time(utc_now()))])
 
     async def delete_session(self, session_id: str) -> None:
         k = self._keys
@@ -260,8 +261,8 @@ class RedisSessionStore:
         with reachable("interrupt the unfinished tasks"):
             ids = await self._interrupt(
                 keys=[self._keys.unfinished],
-                args=[f"{self._keys.prefix}:task:", encode_json(TaskStatus.INTERRUPTED.value), encode_json(reason),
-                      encode_json(to_db_time(utc_now()))])
+                args=[f"{self._keys.prefix}:task:", dumps_text(TaskStatus.INTERRUPTED.value), dumps_text(reason),
+                      dumps_text(to_db_time(utc_now()))])
             return await self._tasks(ids)
 
     async def _tasks(self, ids: Sequence[str]) -> list[Task]:

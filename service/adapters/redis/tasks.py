@@ -30,10 +30,11 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from service.adapters.jsoncodec import dumps_text
 from service.adapters.redis.client import UNREACHABLE, ControlBus, Keys, reachable, stop
 from service.adapters.store.sqlite import to_db_time
 from service.domain.errors import Conflict, LimitExceeded, Unavailable
-from service.domain.events import encode_json, utc_now
+from service.domain.events import utc_now
 from service.domain.models import Task, TaskStatus
 
 log = structlog.get_logger("service.redis.tasks")
@@ -336,8 +337,8 @@ class RedisTaskBoard:
             del self._suspects[task_id]
             reaped = await self._reap(
                 keys=[k.running, k.unfinished, k.task(task_id), k.lease(task_id)],
-                args=[task_id, encode_json(TaskStatus.INTERRUPTED.value), encode_json(self._interrupted_reason),
-                      encode_json(_now_text()), k.prefix])
+                args=[task_id, dumps_text(TaskStatus.INTERRUPTED.value), dumps_text(self._interrupted_reason),
+                      dumps_text(_now_text()), k.prefix])
             if int(reaped) and self._on_reaped is not None:
                 try:
                     await self._on_reaped(task_id)

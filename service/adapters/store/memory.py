@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
+from service.adapters.jsoncodec import dumps
 from service.domain.events import Event, StoredEvent, utc_now
 from service.domain.models import Session, Task, TaskStatus, Todo
 
@@ -41,7 +42,7 @@ class MemoryEventLog:
     async def append(self, event: Event) -> StoredEvent:
         if self._closed:
             raise RuntimeError("the event log is closed")
-        stored = StoredEvent.encode(self._next_id, event)
+        stored = StoredEvent.encode(self._next_id, event, dumps)
         self._next_id += 1
         events = self._events.setdefault(event.session_id, [])
         events.append(stored)

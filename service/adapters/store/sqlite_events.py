@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
+from service.adapters.jsoncodec import dumps
 from service.adapters.store.sqlite import SqliteDatabase, to_db_time, transaction
 from service.domain.errors import Unavailable
 from service.domain.events import Event, StoredEvent
@@ -120,7 +121,7 @@ class SqliteEventLog:
             raise RuntimeError("the event log is closed")
         event_id = self._next_id
         self._next_id = event_id + 1
-        stored = StoredEvent.encode(event_id, event)
+        stored = StoredEvent.encode(event_id, event, dumps)
         session_id = event.session_id
         self._queued.append((event_id, session_id, event.task_id, event.event_type, stored.data,
                              to_db_time(event.timestamp)))

@@ -11,8 +11,9 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from service.adapters.jsoncodec import dumps_text
 from service.adapters.store.sqlite import SqliteDatabase, from_db_time, to_db_time, transaction
-from service.domain.events import encode_json, utc_now
+from service.domain.events import utc_now
 from service.domain.models import Session, Task, TaskStatus, Todo
 
 UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
@@ -44,13 +45,13 @@ class SqliteSessionStore:
         return await self._db.run(_list_sessions, owner)
 
     async def save_messages(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
-        await self._db.run(_update_session, session_id, "messages", encode_json(list(messages)))
+        await self._db.run(_update_session, session_id, "messages", dumps_text(list(messages)))
 
     async def get_todos(self, session_id: str) -> list[Todo]:
         return await self._db.run(_get_todos, session_id)
 
     async def set_todos(self, session_id: str, todos: Sequence[Todo]) -> None:
-        await self._db.run(_update_session, session_id, "todos", encode_json([todo.to_dict() for todo in todos]))
+        await self._db.run(_update_session, session_id, "todos", dumps_text([todo.to_dict() for todo in todos]))
 
     async def delete_session(self, session_id: str) -> None:
         await self._db.run(_delete_session, session_id)
@@ -96,7 +97,7 @@ def _create_session(connection: sqlite3.Connection, session: Session) -> Session
             "INSERT OR IGNORE INTO sessions (id, owner, created_at, updated_at, messages, todos) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (session.id, session.owner, to_db_time(session.created_at), to_db_time(session.updated_at),
-             encode_json(session.messages), encode_json([todo.to_dict() for todo in session.todos])))
+             dumps_text(session.messages), dumps_text([todo.to_dict() for todo in session.todos])))
         stored = _get_session(connection, session.id)
     if stored is None:  # pragma: no cover - the row was just written in the same transaction
         raise RuntimeError(f"session {session.id} vanished")
@@ -155,7 +156,7 @@ def _task_values(task: Task) -> tuple[Any, ...]:
         task.id, task.session_id, task.owner, task.text, TaskStatus(task.status).value, to_db_time(task.created_at),
         None if task.started_at is None else to_db_time(task.started_at),
         None if task.finished_at is None else to_db_time(task.finished_at),
-        task.final_answer, task.iterations, encode_json(task.usage), task.error, task.trace_id,
+        task.final_answer, task.iterations, dumps_text(task.usage), task.error, task.trace_id,
     )
 
 
