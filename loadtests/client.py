@@ -169,7 +169,8 @@ class SseStream(asyncio.Protocol):
             line_end = raw.find(b"\r\n", position)
             if line_end < 0:
                 break
-            size = int(raw[position:line_end].split(b";")[0], 16)
+            size_line = raw[position:line_end]
+            size = int(size_line if b";" not in size_line else size_line.split(b";")[0], 16)
             if size == 0:
                 position = size_of_raw
                 break

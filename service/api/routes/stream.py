@@ -79,15 +79,25 @@ class SentTally:
         self._by_type: dict[str, int] = {}
         self._appended: dict[int, float] = {}
         self._due = False
+        self._last: StoredEvent | None = None
+        """The event of the last single-frame write, and how many more streams wrote it since (publishing goes
+        through a session's subscribers one after the other: each further one costs a comparison)."""
+        self._repeats = 0
 
     def add(self, oldest: StoredEvent, size: int | None = None) -> None:
         """One write of ``size`` bytes (default: ``oldest``'s frame alone) whose oldest event is ``oldest`` (the
         caller counts the other events' types)."""
+        if oldest is self._last and size is None:
+            self._repeats += 1
+            return
+        self._fold_repeats()
         self._bytes += len(oldest.frame) if size is None else size
         by_type = self._by_type
         by_type[oldest.event_type] = by_type.get(oldest.event_type, 0) + 1
         if oldest.appended_at:
             self._appended[oldest.id] = oldest.appended_at
+        if size is None:
+            self._last = oldest
         if not self._due:
             self._due = True
             asyncio.get_running_loop().call_soon(self.settle)
@@ -96,8 +106,17 @@ class SentTally:
         """More events of one write, besides its oldest."""
         self._by_type[event_type] = self._by_type.get(event_type, 0) + count
 
+    def _fold_repeats(self) -> None:
+        last, repeats = self._last, self._repeats
+        if last is not None and repeats:
+            self._bytes += len(last.frame) * repeats
+            self._by_type[last.event_type] += repeats
+        self._last = None
+        self._repeats = 0
+
     def settle(self) -> None:
         """Add what was counted to the metrics."""
+        self._fold_repeats()
         self._due = False
         metrics = self._metrics
         now = time.time()
