@@ -32,6 +32,7 @@ from service.adapters.tools.sandbox import Sandbox, sandbox_from_settings
 from service.app.ports import ClientStreams, EventLog, SessionStore, TaskBoard
 from service.app.runner import INTERRUPTED_BY_LOST_REPLICA, TaskRunner
 from service.app.sessions import SessionService
+from service.app.stream import emit_burst
 from service.app.workspaces import Workspaces
 from service.config import Settings
 from service.domain.engine import DEFAULT_SYSTEM_PROMPT, EngineConfig, ReactEngine
@@ -147,6 +148,7 @@ async def build_container(
         replica=storage.replica,
         # With Redis, a task's outcome waits for a short outage to end rather than be lost (the lease holds it).
         settle_retry_seconds=settings.task_lease_seconds if storage.board is not None else 0.0,
+        emit_burst=emit_burst(settings.sse_buffer_size),
     )
     sessions = SessionService(
         store,

@@ -102,7 +102,10 @@ class TaskRunner:
         concurrency: int = 8,
         replica: str = "local",
         settle_retry_seconds: float = 0.0,
+        emit_burst: int = 1,
     ) -> None:
+        """``emit_burst``: events a task emits in one turn of the loop before it lets the streams run (see
+        :class:`~service.app.stream.LogSink`)."""
         self._store = store
         self._events = events
         self._engine = engine
@@ -115,6 +118,7 @@ class TaskRunner:
         self._concurrency = concurrency
         self._replica = replica
         self._settle_retry_seconds = settle_retry_seconds
+        self._emit_burst = emit_burst
         self._handles: dict[str, _Handle] = {}
         """The tasks this process holds (taken from the board, not yet released)."""
         self._by_session: dict[str, str] = {}
@@ -420,7 +424,7 @@ class TaskRunner:
         attached = otel_context.attach(handle.trace_context)
         conversation: list[Message] = []
         loaded = False
-        sink = HoldingSink(LogSink(self._events))
+        sink = HoldingSink(LogSink(self._events, self._emit_burst))
         try:
             handle.started = True
             if handle.cancel_reason is not None:

@@ -16,17 +16,40 @@ REPLAY_PAGE = 500
 
 
 class LogSink:
-    """The engine's :class:`~service.domain.engine.EventSink`: every event goes into the log (which fans it out)."""
+    """The engine's :class:`~service.domain.engine.EventSink`: every event goes into the log (which fans it out).
 
-    def __init__(self, log: EventLog) -> None:
+    Appending never suspends. A stream waiting with nothing pending writes each event from the append itself;
+    one that is busy buffers it and needs a turn of the loop to write. So that a tool printing thousands of lines
+    cannot fill a busy reader's buffer before it gets that turn, the sink lets the loop run once ``burst`` events
+    went in within one turn. The engine's own events mostly come a few to a turn (a model or a tool call comes in
+    between), and pay no extra turn at all. ``burst``: at most a quarter of the streams' buffer, so that a reader
+    cut off as slow is one that really is (see :func:`emit_burst`).
+    """
+
+    def __init__(self, log: EventLog, burst: int = 1) -> None:
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
         self._log = log
+        self._burst = burst
+        self._in_turn = 0
+        """Events appended in this turn of the loop; set back to 0 by a callback the turn's first one schedules."""
 
     async def emit(self, event: Event) -> None:
         await self._log.append(event)
-        # Appending never suspends, so a tool printing thousands of lines would fill every reader's buffer
-        # before any stream got to write: let the streams run once per event. A client that is really slow
-        # still falls behind (its socket stops taking bytes) and is cut off as designed.
-        await asyncio.sleep(0)
+        count = self._in_turn
+        if count == 0:
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        self._in_turn = count + 1
+        if count + 1 >= self._burst:
+            await asyncio.sleep(0)  # _next_turn runs first: it was scheduled before this task's wake-up
+
+    def _next_turn(self) -> None:
+        self._in_turn = 0
+
+
+def emit_burst(stream_buffer_size: int) -> int:
+    """The events a task may emit in one turn of the loop, for streams that buffer ``stream_buffer_size``."""
+    return max(1, stream_buffer_size // 4)
 
 
 class HoldingSink:

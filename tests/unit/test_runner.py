@@ -21,7 +21,7 @@ from service.adapters.tools.todo import TodoReadTool, TodoWriteTool
 from service.app.access import DEFAULT_SCOPES, Principal
 from service.app.runner import INTERRUPTED_BY_RESTART, INTERRUPTED_BY_SHUTDOWN, TaskRunner
 from service.app.sessions import SessionService
-from service.app.stream import REPLAY_PAGE, SessionFeed
+from service.app.stream import REPLAY_PAGE, LogSink, SessionFeed, emit_burst
 from service.app.workspaces import Workspaces
 from service.domain.engine import EngineConfig, ReactEngine
 from service.domain.errors import Conflict, Invalid, LimitExceeded, NotFound, Unavailable
@@ -674,6 +674,83 @@ async def test_a_slow_reader_is_cut_off_after_its_replay() -> None:
     assert seen == [1, 2, 3, 4, 5]  # the log held what the buffer dropped
     assert feed.close_reason == "slow_client"
     assert feed.dropped == 3
+
+
+class TurnCounter:
+    """Counts the turns of the event loop, to see which turn each event was appended in."""
+
+    def __init__(self) -> None:
+        self.turn = 0
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.turn += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+class TurnLog(MemoryEventLog):
+    def __init__(self, turns: TurnCounter) -> None:
+        super().__init__(MemoryBroker())
+        self.turns = turns
+        self.appended_in: list[int] = []
+
+    async def append(self, event: Any) -> StoredEvent:
+        self.appended_in.append(self.turns.turn)
+        return await super().append(event)
+
+
+@pytest.mark.parametrize(("burst", "most_in_a_turn"), [(1, 1), (4, 4), (25, 10)])
+async def test_a_sink_lets_the_loop_run_once_burst_events_went_in_within_one_turn(burst: int,
+                                                                                  most_in_a_turn: int) -> None:
+    turns = TurnCounter()
+    await asyncio.sleep(0)
+    log = TurnLog(turns)
+    sink = LogSink(log, burst)
+    for number in range(10):
+        await sink.emit(thinking(number))
+    turns.stop()
+    per_turn = [log.appended_in.count(turn) for turn in sorted(set(log.appended_in))]
+    assert sum(per_turn) == 10
+    assert max(per_turn) == most_in_a_turn
+    assert len(per_turn) == -(-10 // most_in_a_turn)  # no turn spent without a reason
+
+
+async def test_a_turn_the_producer_gives_up_itself_starts_a_new_burst() -> None:
+    turns = TurnCounter()
+    await asyncio.sleep(0)
+    log = TurnLog(turns)
+    sink = LogSink(log, 3)
+    for number in range(6):
+        await sink.emit(thinking(number))
+        await asyncio.sleep(0)  # as a model or a tool call would
+    turns.stop()
+    assert len(set(log.appended_in)) == 6  # one event a turn, and the sink never added a turn of its own
+
+
+async def test_a_busy_reader_keeps_up_with_a_flood_of_events_from_a_sink() -> None:
+    # The reader takes batches (it never writes through): each burst reaches it in the next turn, well inside its
+    # buffer, so a flood is not mistaken for a slow client.
+    buffer_size = 8
+    log = MemoryEventLog(MemoryBroker())
+    feed = SessionFeed(log, SESSION, 0, buffer_size=buffer_size)
+    reader = asyncio.create_task(collect(feed, 400))
+    sink = LogSink(log, emit_burst(buffer_size))
+    for number in range(400):
+        await sink.emit(thinking(number))
+    seen = await reader
+    assert seen == list(range(1, 401))
+    assert feed.close_reason is None or feed.close_reason == "client_gone"
+    assert feed.dropped == 0
+
+
+def test_a_burst_is_a_quarter_of_the_streams_buffer_and_at_least_one() -> None:
+    assert [emit_burst(size) for size in (1, 3, 4, 100, 1000)] == [1, 1, 1, 25, 250]
+    with pytest.raises(ValueError, match="burst"):
+        LogSink(MemoryEventLog(MemoryBroker()), 0)
 
 
 # Sessions ----------------------------------------------------------------------------------------------------------
