@@ -164,6 +164,28 @@ def processes(argv: list[str]) -> list[int]:
     return found
 
 
+def processes_of(uid: int) -> list[int]:
+    """The pids whose real user is ``uid``, zombies included: what the sandbox's process cap counts."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid:
+                            found.append(int(entry.name))
+                        break
+    return found
+
+
+async def until_processes_of(uid: int, at_most: int, seconds: float = 10) -> None:
+    """Wait until ``uid`` has at most ``at_most`` processes (an earlier command's children may still be reaped)."""
+    deadline = time.monotonic() + seconds
+    while len(processes_of(uid)) > at_most:
+        assert time.monotonic() < deadline, f"user {uid} still has processes: {processes_of(uid)}"
+        await asyncio.sleep(0.1)
+
+
 # The sandboxed server, with a model key and the JWT secret in its environment
 
 
@@ -311,6 +333,7 @@ async def test_a_fork_bomb_is_contained(client: httpx.AsyncClient) -> None:
         nonlocal peak
         peak = max(peak, len(processes(sleeper)))
 
+    before = len(processes_of(NOBODY))
     started = time.monotonic()
     run = await bash(client, "for i in $(seq 2000); do sleep 5.37 & done; echo done", during=sample)
     assert time.monotonic() - started < 30, "the command did not end"
@@ -322,10 +345,13 @@ async def test_a_fork_bomb_is_contained(client: httpx.AsyncClient) -> None:
     while processes(sleeper):
         assert time.monotonic() < deadline, "the fork bomb's processes outlived the command"
         await asyncio.sleep(0.1)
+    # Reaped too: until then they count against the cap of the tests that follow.
+    await until_processes_of(NOBODY, at_most=before)
 
 
 @needs_prlimit
 async def test_a_memory_hog_is_stopped(client: httpx.AsyncClient) -> None:
+    await until_processes_of(NOBODY, at_most=32)  # room under the cap of 64: the cap must not stop it first
     run = await bash(client, 'python3 -c "bytearray(3*1024**3)"; echo exit=$?')
     assert "MemoryError" in run.text
     assert "exit=1" in run.text
