@@ -743,7 +743,7 @@ async def test_a_busy_reader_keeps_up_with_a_flood_of_events_from_a_sink() -> No
         await sink.emit(thinking(number))
     seen = await reader
     assert seen == list(range(1, 401))
-    assert feed.close_reason is None or feed.close_reason == "client_gone"
+    assert feed.close_reason != "slow_client"
     assert feed.dropped == 0
 
 
