@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
+from service.api.deps import install_security_schema
 from service.api.headers import SecurityHeaders
 from service.api.limits import BodySizeLimit
 from service.api.problems import install_problem_handlers, install_problem_schema
@@ -61,16 +62,22 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None,
         # the API's content security policy. The OpenAPI document itself stays at /openapi.json.
         docs_url=None,
         redoc_url=None,
+        # Requests are traced, counted and logged once, by RequestTelemetry. FastAPI's own instrumentation would
+        # do it again as soon as a global tracer or meter provider exists (opentelemetry-instrument, or
+        # FASTAPI_OTEL_AUTO_CONFIGURE), and otherwise still looks the providers up on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.rate_limits = RateLimits(settings)
     app.state.web = WebAssets()
     install_problem_handlers(app)
-    routers = [health.router, tasks.router, sessions.router, stream.router, ui.router, ui_auth.router]
+    # Routes are matched in this order: the busiest (submissions and streams) early.
+    routers = [health.router, tasks.router, stream.router, sessions.router, ui.router, ui_auth.router]
     if settings.metrics_enabled and settings.metrics_port is None:
         routers.append(metrics_route.metrics_router(settings.metrics_path))
     for router in routers:
         app.include_router(router)
     install_problem_schema(app)
+    install_security_schema(app, routers)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

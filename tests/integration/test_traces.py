@@ -435,6 +435,19 @@ async def test_probes_and_scrapes_make_no_span(content_server: ServerProcess, co
     assert [span.name for span in spans] == ["GET /api/sessions"]
 
 
+async def test_a_request_is_one_span_where_fastapi_would_trace_it_too(collector: Collector) -> None:
+    """``FASTAPI_OTEL_AUTO_CONFIGURE`` has FastAPI set up global providers and trace every request itself; the
+    service's own span stays the only one."""
+    trace_id, parent_id, headers = caller()
+    with running(OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_BSP_SCHEDULE_DELAY=FLUSH_MS,
+                 OTEL_SERVICE_NAME="alex-fastapi-auto", FASTAPI_OTEL_AUTO_CONFIGURE="true") as server:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
+            response = await client.get("/api/sessions", headers={**headers, **auth("alice")})
+            assert response.status_code == 200, response.text
+        spans = await collector.wait(trace_id, {"GET /api/sessions": 1})
+    assert [(span.name, span.kind, span.parent_id) for span in spans] == [("GET /api/sessions", SERVER, parent_id)]
+
+
 MALFORMED = [
     pytest.param("not a traceparent", id="garbage"),
     pytest.param("ff-{trace}-{span}-01", id="version ff"),

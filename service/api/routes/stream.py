@@ -17,7 +17,7 @@ import structlog
 from fastapi import APIRouter, Header, Query, Request
 from starlette.datastructures import State
 
-from service.api.deps import DEFAULT_LIMIT, ContainerDep, SessionReader, SessionsDep
+from service.api.deps import SessionReader, container_of
 from service.api.problems import ApiError, problem_responses
 from service.api.sse import STALLED, EventStreamResponse, WritePacer
 from service.api.telemetry import request_started
@@ -265,14 +265,11 @@ def parse_last_event_id(header: str | None, query: str | None) -> int:
     "/api/sse",
     response_class=SessionStreamResponse,
     status_code=200,
-    dependencies=[DEFAULT_LIMIT],
     responses={200: {"content": {"text/event-stream": {}}}, **problem_responses(400, 404, 503)},
 )
 async def stream_events(
     request: Request,
     principal: SessionReader,
-    sessions: SessionsDep,
-    container: ContainerDep,
     session_id: Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,128}$")],
     last_event_id: Annotated[str | None, Query(description="Resume after this id (EventSource cannot set "
                                                            "the Last-Event-ID header on a first connect).")] = None,
@@ -280,7 +277,8 @@ async def stream_events(
 ) -> SessionStreamResponse:
     """Follow a session's events. The session is created for the caller when the id is free."""
     after = parse_last_event_id(last_event_id_header, last_event_id)
-    return await open_stream(request, principal, sessions, container, session_id, after)
+    container = container_of(request)
+    return await open_stream(request, principal, container.sessions, container, session_id, after)
 
 
 async def open_stream(request: Request, principal: Principal, sessions: SessionService, container: Container,

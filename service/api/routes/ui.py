@@ -18,8 +18,8 @@ from fastapi.responses import HTMLResponse, Response
 from service.api.deps import (
     COOKIE_NAME,
     DEFAULT_LIMIT,
-    TASKS_LIMIT,
     ContainerDep,
+    FormTaskSubmitter,
     RunnerDep,
     SessionReader,
     SessionsDep,
@@ -113,7 +113,7 @@ async def app_page(
     return HTMLResponse(html)
 
 
-@router.get("/ui/sessions/{session_id}", response_class=HTMLResponse, dependencies=[DEFAULT_LIMIT])
+@router.get("/ui/sessions/{session_id}", response_class=HTMLResponse)
 async def session_fragment(session_id: str, principal: SessionReader, sessions: SessionsDep, container: ContainerDep,
                            assets: AssetsDep) -> HTMLResponse:
     """A session's view, for switching sessions without reloading the page."""
@@ -121,7 +121,7 @@ async def session_fragment(session_id: str, principal: SessionReader, sessions: 
     return HTMLResponse(_session_view(assets, container, session_id))
 
 
-@router.post("/ui/sessions", status_code=201, response_class=HTMLResponse, dependencies=[SAME_ORIGIN, DEFAULT_LIMIT])
+@router.post("/ui/sessions", status_code=201, response_class=HTMLResponse, dependencies=[SAME_ORIGIN])
 async def new_session(principal: TaskWriter, sessions: SessionsDep, container: ContainerDep,
                       assets: AssetsDep) -> HTMLResponse:
     """A new session: its view, its entry in the list, and its address pushed into the browser's history."""
@@ -130,7 +130,7 @@ async def new_session(principal: TaskWriter, sessions: SessionsDep, container: C
     return HTMLResponse(html, status_code=201, headers={"HX-Push-Url": app_url(session.id)})
 
 
-@router.delete("/ui/sessions/{session_id}", response_class=HTMLResponse, dependencies=[SAME_ORIGIN, DEFAULT_LIMIT])
+@router.delete("/ui/sessions/{session_id}", response_class=HTMLResponse, dependencies=[SAME_ORIGIN])
 async def delete_session(
     session_id: str,
     principal: SessionWriter,
@@ -149,8 +149,8 @@ async def delete_session(
     return HTMLResponse(html, headers={"HX-Reswap": "none"})
 
 
-@router.post("/ui/tasks", status_code=202, dependencies=[SAME_ORIGIN, TASKS_LIMIT])
-async def submit_task(request: Request, principal: TaskWriter, runner: RunnerDep) -> Response:
+@router.post("/ui/tasks", status_code=202, dependencies=[SAME_ORIGIN])
+async def submit_task(request: Request, principal: FormTaskSubmitter, runner: RunnerDep) -> Response:
     """Start a task from the task box (form fields ``task`` and ``session_id``); its events arrive on the stream."""
     fields = await read_form(request)
     text = fields.get("task")
@@ -164,14 +164,14 @@ async def submit_task(request: Request, principal: TaskWriter, runner: RunnerDep
     return Response(status_code=202, headers={"Location": f"/api/tasks/{quote(task.id)}"})
 
 
-@router.post("/ui/tasks/{task_id}/cancel", status_code=202, dependencies=[SAME_ORIGIN, DEFAULT_LIMIT])
+@router.post("/ui/tasks/{task_id}/cancel", status_code=202, dependencies=[SAME_ORIGIN])
 async def cancel_task(task_id: str, principal: TaskWriter, runner: RunnerDep) -> Response:
     """Stop the running task (as ``POST /api/tasks/{id}/cancel``); ``task_cancelled`` follows on the stream."""
     await runner.cancel(principal, task_id)
     return Response(status_code=202)
 
 
-@router.get("/ui/sse", response_class=SessionStreamResponse, dependencies=[DEFAULT_LIMIT])
+@router.get("/ui/sse", response_class=SessionStreamResponse)
 async def stream_fragments(
     request: Request,
     principal: SessionReader,
