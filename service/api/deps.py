@@ -210,9 +210,9 @@ class Access:
         return principal
 
 
-TASKS_LIMIT = Depends(rate_limit("tasks", token_subject))
 DEFAULT_LIMIT = Depends(rate_limit("default", token_subject))
-"""For routes that count against a rate limit without acting for a caller (the web UI's sign-in pages)."""
+"""The default rate limit alone, for routes that authenticate in their own way or not at all (the web UI's page
+and sign-in routes, which send a caller without a token to sign in rather than answer 401)."""
 
 TaskSubmitter = Annotated[Principal, Depends(Access("tasks:write", limit="tasks", json_body=True))]
 TaskWriter = Annotated[Principal, Depends(Access("tasks:write"))]

@@ -436,8 +436,9 @@ async def test_probes_and_scrapes_make_no_span(content_server: ServerProcess, co
 
 
 async def test_a_request_is_one_span_where_fastapi_would_trace_it_too(collector: Collector) -> None:
-    """``FASTAPI_OTEL_AUTO_CONFIGURE`` has FastAPI set up global providers and trace every request itself; the
-    service's own span stays the only one."""
+    """``FASTAPI_OTEL_AUTO_CONFIGURE`` would have FastAPI set up global providers and trace every request itself
+    (a second server span, seen before FastAPI's instrumentation was turned off); the service's own span stays the
+    only one."""
     trace_id, parent_id, headers = caller()
     with running(OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_BSP_SCHEDULE_DELAY=FLUSH_MS,
                  OTEL_SERVICE_NAME="alex-fastapi-auto", FASTAPI_OTEL_AUTO_CONFIGURE="true") as server:
