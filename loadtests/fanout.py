@@ -117,7 +117,8 @@ def measure(workload: Workload, servers: tuple[str, ...], *, repeat: int, timeou
     with scratch(keep) as folder:
         for turn in range(repeat):
             for kind in servers:
-                recording = profile / f"{kind}-{workload.streams}-{turn + 1}.txt" if profile else None
+                phase = "paced" if rate else "full"
+                recording = profile / f"{kind}-{workload.streams}-{phase}-{turn + 1}.txt" if profile else None
                 result = run_once(kind, workload, folder, timeout=timeout, profile=recording, rate=rate)
                 if recording is not None and recording.exists():
                     print(summary(recording, top=30), file=sys.stderr)
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "the first phase only, at least 100 events per stream")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder with the servers' logs")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="record each server with py-spy while it delivers; raw profiles go to this folder")
+                        help="record each server with py-spy while it delivers, in both phases; raw profiles go "
+                             "to this folder")
     args = parser.parse_args(argv)
     servers = tuple(s for s in args.servers.split(",") if s)
     if "service" not in servers or not set(servers) <= set(SERVERS):
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                      if "bare" in saturated else None)
         if offered:
             paced = measure(workload, servers, repeat=args.repeat, timeout=args.timeout, keep=args.keep,
-                            rate=offered)
+                            profile=args.profile, rate=offered)
             print_table(f"At {offered:,.0f} deliveries/s offered (the producer keeps to a schedule)", paced)
         status |= report(checks(saturated, paced, offered))
         everything.append({"streams": streams, "sessions": workload.sessions, "saturated": saturated,

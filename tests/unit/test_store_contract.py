@@ -657,3 +657,54 @@ async def test_sqlite_gives_up_a_batch_loudly_and_goes_on(
         blocker.execute("COMMIT")
         kept = await log.append(thinking("s1", 1))
         assert await log.read_after("s1", 0, 100) == [kept]
+
+
+@pytest.fixture
+async def sqlite_log(tmp_path: Path) -> AsyncIterator[tuple[SqliteEventLog, Path]]:
+    path = tmp_path / "alex.db"
+    db = await SqliteDatabase.open(path)
+    log = await SqliteEventLog.open(db, MemoryBroker(), RETENTION)
+    try:
+        yield log, path
+    finally:
+        await log.close()
+        await db.close()
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 17, 64, 85, 150])
+async def test_sqlite_writes_a_batch_of_any_size_once_each(sqlite_log: tuple[SqliteEventLog, Path],
+                                                          count: int) -> None:
+    # Appends in one turn of the loop go into one batch, which is cut into multi-row statements of a few sizes.
+    log, path = sqlite_log
+    appended = [await log.append(thinking(f"s{n % 3}", n)) for n in range(count)]
+    await log.flush()
+    for session in ("s0", "s1", "s2"):
+        assert await log.read_after(session, 0, 1000) == [e for e in appended if e.session_id == session]
+    reader = sqlite3.connect(path)
+    try:
+        assert reader.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM events").fetchone() == (count, count)
+    finally:
+        reader.close()
+
+
+async def test_sqlite_gathers_appends_until_its_time_is_up_or_a_reader_waits(
+    sqlite_log: tuple[SqliteEventLog, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_events, "GROUP_COMMIT_SECONDS", 60.0)
+    log, _ = sqlite_log
+    first = await log.append(thinking("s1", 0))
+    await asyncio.sleep(0.1)
+    assert log.queued == 1, "nobody waits for the row: the flusher is still gathering"
+    async with asyncio.timeout(5):
+        assert await log.read_after("s1", 0, 10) == [first]  # the reader cut the gathering short
+    second = await log.append(thinking("s1", 1))
+    await asyncio.sleep(0.1)
+    assert log.queued == 1, "the next transaction waits its time again"
+    async with asyncio.timeout(5):
+        await log.flush()
+        assert log.queued == 0
+        third = await log.append(thinking("s2", 2))
+        await log.delete_session("s1")
+        assert await log.read_after("s1", 0, 10) == []
+        assert await log.read_after("s2", 0, 10) == [third]
+    assert second.id < third.id

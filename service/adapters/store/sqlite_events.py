@@ -2,15 +2,20 @@
 
 An append never waits for the disk: it takes the next id, encodes the event once, hands it to the broker and
 queues its row. One background task, the flusher, writes whatever is queued in one transaction per batch; while a
-batch is being written the next appends queue up for the following one, so the write rate adapts to the load
-(group commit). Woken from idle, it first lets :data:`GROUP_COMMIT_SECONDS` pass, so that the events a task emits
-one per turn of the loop share a transaction instead of each taking one. Readers wait only for the queued rows of
-their own session, so a ``read_after`` that starts after an ``append`` returned always sees that event.
+batch is being written the next appends queue up for the following one (group commit). A transaction starts at
+most every :data:`GROUP_COMMIT_SECONDS`: woken from idle, or done with a batch sooner than that, the flusher lets
+the rest of that time pass first, so that events arriving one per turn of the loop share a transaction instead of
+each taking one (a transaction costs per page it touches, and each session's rows touch their own pages of the
+session index). A reader waiting for rows (``read_after``, ``flush``, ``delete_session``, ``close``) cuts that wait
+short. Readers wait only for the queued rows of their own session, so a ``read_after`` that starts after an
+``append`` returned always sees that event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import sqlite3
 from collections.abc import Iterable
 from itertools import chain
@@ -34,9 +39,11 @@ RETRY_DELAY_SECONDS = 0.1
 """The wait before the first retry; it doubles with each failure (0.1 + 0.2 + 0.4 + 0.8 s before giving up)."""
 
 GROUP_COMMIT_SECONDS = 0.005
-"""How long an idle flusher gathers appends before it writes. Live delivery does not wait for it; a ``read_after``
-of the session may (at most this long more). Measured in ``loadtests/RESULTS.md``: +8 % tasks/s and half the
-service's own time per iteration against a write per wake-up."""
+"""The shortest time from the start of one transaction to the start of the next, in which appends gather. Live
+delivery does not wait for it, nor does a reader that waits for rows (it cuts the gathering short). Measured in
+``loadtests/RESULTS.md``: +8 % tasks/s and half the service's own time per iteration against a write per wake-up
+from idle. Under a steady stream of events, making every batch wait for it too (rather than writing at once
+whatever queued during the last write) took batches from about 23 to 35 rows at 6,000 events/s over 100 sessions."""
 
 CRASH_ID_GAP = 1_000_000
 """How far ids jump after an unclean stop. Ids handed out live but lost with the unwritten queue must never be given
@@ -50,8 +57,13 @@ _Row = tuple[int, str, str, str, str, str]
 
 # OR IGNORE: a batch retried after a write whose outcome was unknown (a cancelled flusher) must not fail on
 # its own rows; ids come from one sequence, so an existing id is always that same row.
-_INSERT = ("INSERT OR IGNORE INTO events (id, session_id, task_id, event_type, data, created_at) "
-           "VALUES (?, ?, ?, ?, ?, ?)")
+_INSERT_INTO = "INSERT OR IGNORE INTO events (id, session_id, task_id, event_type, data, created_at) VALUES "
+
+ROWS_PER_INSERT = (64, 16, 4, 1)
+"""The sizes of the multi-row ``INSERT`` statements a batch is cut into, largest first. Each statement is one step
+of SQLite, for which the database thread gives the GIL up and must take it back from the busy event loop:
+``executemany`` takes one step per row. A few fixed sizes keep the statements in the connection's cache."""
+
 _SET_META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 _TRIM = """
 DELETE FROM events WHERE session_id = ?1 AND id <= (
@@ -100,6 +112,8 @@ class SqliteEventLog:
         self._lost_batches = 0
         self._last_error: BaseException | None = None
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        """Set by a reader that waits for rows: the flusher stops gathering and writes."""
         self._progress = asyncio.Event()
         self._closing = False
         self._flusher = asyncio.create_task(self._run_flusher(), name="sqlite-event-log-flusher")
@@ -160,6 +174,7 @@ class SqliteEventLog:
         done = asyncio.get_running_loop().create_future()
         self._delete_waiters.append(done)
         self._wake.set()
+        self._hurry.set()
         if self._flusher.done():
             self._restart_flusher()
         await done
@@ -179,6 +194,7 @@ class SqliteEventLog:
             return
         self._closing = True
         self._wake.set()
+        self._hurry.set()
         if self._flusher.done() and (self.queued or self._deletes):
             self._restart_flusher()
         # wait() neither raises the flusher's outcome nor cancels it when this caller is cancelled.
@@ -199,6 +215,7 @@ class SqliteEventLog:
         while self._settled_id < target and self._has_work():
             progress = self._progress
             self._wake.set()
+            self._hurry.set()
             if self._flusher.done():
                 self._restart_flusher()
             await progress.wait()
@@ -213,16 +230,28 @@ class SqliteEventLog:
         _log.warning("event_log_flusher_restarted")
         self._flusher = asyncio.create_task(self._run_flusher(), name="sqlite-event-log-flusher")
 
+    async def _gather(self, seconds: float) -> None:
+        """Let appends queue up for ``seconds``, or until a reader waits for rows."""
+        if seconds <= 0 or self._hurry.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._hurry.wait()
+
     async def _run_flusher(self) -> None:
         failures = 0
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             if not self._has_work():
                 if self._closing:
                     return
                 await self._wake.wait()
-                await asyncio.sleep(GROUP_COMMIT_SECONDS)
+                await self._gather(GROUP_COMMIT_SECONDS)
                 continue
+            started = loop.time()
+            # A reader that asks from now on waits for rows this batch may not hold.
+            self._hurry.clear()
             # Every id up to here is in this batch, in an earlier one, or was deleted before being written.
             batch_top = self._next_id - 1
             batch = self._retry + self._queued if self._retry else self._queued
@@ -257,6 +286,8 @@ class SqliteEventLog:
             self._inflight = []
             self._settled_id = batch_top
             self._signal_progress()
+            if self._has_work():
+                await self._gather(started + GROUP_COMMIT_SECONDS - loop.time())
 
     def _requeue(self, batch: list[_Row], trims: set[str], deletes: dict[str, int],
                  waiters: list[asyncio.Future[None]]) -> None:
@@ -308,7 +339,7 @@ def _finish(connection: sqlite3.Connection, last_id: int) -> None:
 def _write_batch(connection: sqlite3.Connection, rows: list[_Row], deletes: dict[str, int], trims: set[str],
                  retention: int) -> None:
     with transaction(connection):
-        connection.executemany(_INSERT, rows)
+        _insert(connection, rows)
         for session_id, cut in deletes.items():
             connection.execute("DELETE FROM events WHERE session_id = ? AND id < ?", (session_id, cut))
         for session_id in trims:
@@ -321,3 +352,18 @@ def _select_after(connection: sqlite3.Connection, session_id: str, after_id: int
     return connection.execute(
         "SELECT id, session_id, task_id, event_type, data FROM events WHERE session_id = ? AND id > ? "
         "ORDER BY id LIMIT ?", (session_id, after_id, limit)).fetchall()
+
+
+@functools.cache
+def _insert_rows(count: int) -> str:
+    return _INSERT_INTO + ", ".join(["(?, ?, ?, ?, ?, ?)"] * count)
+
+
+def _insert(connection: sqlite3.Connection, rows: list[_Row]) -> None:
+    """Insert ``rows`` with as few statements as :data:`ROWS_PER_INSERT` allows."""
+    start, total = 0, len(rows)
+    for size in ROWS_PER_INSERT:
+        sql = _insert_rows(size)
+        while total - start >= size:
+            connection.execute(sql, [value for row in rows[start:start + size] for value in row])
+            start += size
