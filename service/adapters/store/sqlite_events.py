@@ -231,8 +231,8 @@ class SqliteEventLog:
         self._flusher = asyncio.create_task(self._run_flusher(), name="sqlite-event-log-flusher")
 
     async def _gather(self, seconds: float) -> None:
-        """Let appends queue up for ``seconds``, or until a reader waits for rows."""
-        if seconds <= 0 or self._hurry.is_set():
+        """Let appends queue up for ``seconds``, or until a reader waits for rows (never once closing)."""
+        if seconds <= 0 or self._closing or self._hurry.is_set():
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
