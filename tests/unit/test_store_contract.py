@@ -687,7 +687,7 @@ async def test_sqlite_writes_a_batch_of_any_size_once_each(sqlite_log: tuple[Sql
         reader.close()
 
 
-async def test_sqlite_gathers_appends_until_its_time_is_up_or_a_reader_waits(
+async def test_sqlite_gathers_appends_until_a_reader_waits(
     sqlite_log: tuple[SqliteEventLog, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sqlite_events, "GROUP_COMMIT_SECONDS", 60.0)
