@@ -260,11 +260,17 @@ def test_a_remembered_token_is_refused_once_it_expires() -> None:
     assert verifier.remembered == 0
 
 
-def test_a_remembered_token_is_refused_when_the_key_changes() -> None:
+def remembered_token() -> tuple[SwappableKey, TokenVerifier, str]:
+    """A verifier on swappable keys that has verified (and so remembers) one token."""
     keys = SwappableKey(SECRET)
     verifier = TokenVerifier(keys)
     token = encode(claims())
     verifier.verify(token)
+    return keys, verifier, token
+
+
+def test_a_remembered_token_is_refused_when_the_key_changes() -> None:
+    keys, verifier, token = remembered_token()
     keys.secret = OTHER_SECRET
     assert refused(token, verifier) == "bad signature"
     keys.secret = SECRET  # back to the key that signed it: verified afresh, accepted
@@ -272,19 +278,13 @@ def test_a_remembered_token_is_refused_when_the_key_changes() -> None:
 
 
 def test_a_remembered_token_is_refused_when_its_algorithm_is_no_longer_allowed() -> None:
-    keys = SwappableKey(SECRET)
-    verifier = TokenVerifier(keys)
-    token = encode(claims())
-    verifier.verify(token)
+    keys, verifier, token = remembered_token()
     keys.algorithms = ["HS512"]
     assert refused(token, verifier) == "algorithm not allowed"
 
 
 def test_a_remembered_token_whose_key_must_be_fetched_again_says_so() -> None:
-    keys = SwappableKey(SECRET)
-    verifier = TokenVerifier(keys)
-    token = encode(claims())
-    verifier.verify(token)
+    keys, verifier, token = remembered_token()
     keys.unknown = True
     with pytest.raises(KeyNotCached):
         verifier.verify(token)
