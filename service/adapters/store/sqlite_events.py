@@ -38,12 +38,15 @@ still let the server drain and stop, and must not hold every later event in memo
 RETRY_DELAY_SECONDS = 0.1
 """The wait before the first retry; it doubles with each failure (0.1 + 0.2 + 0.4 + 0.8 s before giving up)."""
 
-GROUP_COMMIT_SECONDS = 0.005
+GROUP_COMMIT_SECONDS = 0.02
 """The shortest time from the start of one transaction to the start of the next, in which appends gather. Live
-delivery does not wait for it, nor does a reader that waits for rows (it cuts the gathering short). Measured in
-``loadtests/RESULTS.md``: +8 % tasks/s and half the service's own time per iteration against a write per wake-up
-from idle. Under a steady stream of events, making every batch wait for it too (rather than writing at once
-whatever queued during the last write) took batches from about 23 to 35 rows at 6,000 events/s over 100 sessions."""
+delivery does not wait for it, nor does a reader that waits for rows (it cuts the gathering short). What it costs:
+an unclean stop (a killed process) loses the events of the last window, which clients may have seen live (ids
+then jump by :data:`CRASH_ID_GAP`, so none is given twice). What it saves, measured in ``loadtests/RESULTS.md``:
+against a write per wake-up from idle, +8 % tasks/s and half the service's own time per iteration; from 5 ms to
+20 ms, 3-4 us of CPU per event at 7,000-19,000 events/s over 100 sessions (a sixth of what appending an event
+costs): each session's rows dirty their own page of the session index, so the cost of a transaction grows with
+the sessions it touches more than with its rows."""
 
 CRASH_ID_GAP = 1_000_000
 """How far ids jump after an unclean stop. Ids handed out live but lost with the unwritten queue must never be given
