@@ -7,6 +7,7 @@ import asyncio
 import functools
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,55 +15,51 @@ import pytest
 from service.adapters.store.sqlite import MEMORY, DatabaseThread, SqliteDatabase
 
 
-async def test_calls_run_in_order_on_one_thread_and_answer_their_callers() -> None:
-    thread = DatabaseThread("test-db", asyncio.get_running_loop())
+@pytest.fixture
+async def thread() -> AsyncIterator[DatabaseThread]:
+    """A database thread named ``test-db`` on the test's loop, stopped after the test."""
+    database_thread = DatabaseThread("test-db", asyncio.get_running_loop())
+    try:
+        yield database_thread
+    finally:
+        database_thread.stop()
+
+
+async def test_calls_run_in_order_on_one_thread_and_answer_their_callers(thread: DatabaseThread) -> None:
     seen: list[tuple[int, str]] = []
 
     def call(number: int) -> int:
         seen.append((number, threading.current_thread().name))
         return number * 10
 
-    try:
-        answers = await asyncio.gather(*(thread.submit(functools.partial(call, n)) for n in range(50)))
-    finally:
-        thread.stop()
+    answers = await asyncio.gather(*(thread.submit(functools.partial(call, n)) for n in range(50)))
     assert answers == [n * 10 for n in range(50)]
     assert seen == [(n, "test-db") for n in range(50)]
 
 
-async def test_an_error_reaches_its_caller_and_the_next_call_runs() -> None:
-    thread = DatabaseThread("test-db", asyncio.get_running_loop())
-
+async def test_an_error_reaches_its_caller_and_the_next_call_runs(thread: DatabaseThread) -> None:
     def fail() -> None:
         raise ValueError("no such row")
 
-    try:
-        failing = thread.submit(fail)
-        after = thread.submit(lambda: "still here")
-        with pytest.raises(ValueError, match="no such row"):
-            await failing
-        assert await after == "still here"
-    finally:
-        thread.stop()
+    failing = thread.submit(fail)
+    after = thread.submit(lambda: "still here")
+    with pytest.raises(ValueError, match="no such row"):
+        await failing
+    assert await after == "still here"
 
 
-async def test_a_call_cancelled_before_it_started_never_runs() -> None:
-    thread = DatabaseThread("test-db", asyncio.get_running_loop())
+async def test_a_call_cancelled_before_it_started_never_runs(thread: DatabaseThread) -> None:
     gate = threading.Event()
     ran: list[str] = []
-    try:
-        blocking = thread.submit(lambda: gate.wait(5))
-        waiting = thread.submit(lambda: ran.append("cancelled call"))
-        waiting.cancel()
-        gate.set()
-        assert await blocking is True
-        assert await thread.submit(lambda: len(ran)) == 0
-    finally:
-        thread.stop()
+    blocking = thread.submit(lambda: gate.wait(5))
+    waiting = thread.submit(lambda: ran.append("cancelled call"))
+    waiting.cancel()
+    gate.set()
+    assert await blocking is True
+    assert await thread.submit(lambda: len(ran)) == 0
 
 
-async def test_a_caller_cancelled_while_its_call_runs_leaves_the_call_to_finish() -> None:
-    thread = DatabaseThread("test-db", asyncio.get_running_loop())
+async def test_a_caller_cancelled_while_its_call_runs_leaves_the_call_to_finish(thread: DatabaseThread) -> None:
     gate = threading.Event()
     finished: list[bool] = []
 
@@ -70,14 +67,11 @@ async def test_a_caller_cancelled_while_its_call_runs_leaves_the_call_to_finish(
         gate.wait(5)
         finished.append(True)
 
-    try:
-        caller = asyncio.ensure_future(thread.submit(slow))
-        await asyncio.sleep(0.01)
-        caller.cancel()
-        gate.set()
-        assert await thread.submit(lambda: finished) == [True]
-    finally:
-        thread.stop()
+    caller = asyncio.ensure_future(thread.submit(slow))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    gate.set()
+    assert await thread.submit(lambda: finished) == [True]
 
 
 async def test_close_runs_what_was_sent_first_and_refuses_later_calls(tmp_path: Path) -> None:
@@ -116,15 +110,11 @@ async def test_the_memory_database_works_through_the_thread() -> None:
         await db.close()
 
 
-async def test_the_calls_of_one_turn_of_the_loop_are_answered_together() -> None:
-    thread = DatabaseThread("test-db", asyncio.get_running_loop())
-    try:
-        calls = [thread.submit(functools.partial(int, n)) for n in range(10)]
-        assert await calls[0] == 0
-        assert all(call.done() for call in calls)  # settled by the same callback as the first
-        assert [call.result() for call in calls] == list(range(10))
-    finally:
-        thread.stop()
+async def test_the_calls_of_one_turn_of_the_loop_are_answered_together(thread: DatabaseThread) -> None:
+    calls = [thread.submit(functools.partial(int, n)) for n in range(10)]
+    assert await calls[0] == 0
+    assert all(call.done() for call in calls)  # settled by the same callback as the first
+    assert [call.result() for call in calls] == list(range(10))
 
 
 async def test_a_database_is_used_from_the_loop_that_opened_it(tmp_path: Path) -> None:
