@@ -42,18 +42,16 @@ _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
 class _Chunker:
     """Frames as chunks of a chunked body. An event goes to all its session's streams one after the other: its
-    chunk is made once for all of them (the last one made is kept)."""
+    chunk is made once for all of them (the last one made is kept, in ``chunk``, for the frame in ``data``)."""
 
-    __slots__ = ("_chunk", "_data")
+    __slots__ = ("chunk", "data")
 
     def __init__(self) -> None:
-        self._data = self._chunk = b""
+        self.data = self.chunk = b""
 
-    def chunk(self, data: bytes) -> bytes:
-        if data is not self._data:
-            self._chunk = b"%x\r\n%b\r\n" % (len(data), data)
-            self._data = data
-        return self._chunk
+    def make(self, data: bytes) -> None:
+        self.chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        self.data = data
 
 
 _chunker = _Chunker()
@@ -74,12 +72,14 @@ def socket_writer(send: Send) -> Callable[[bytes], bool] | None:
         return None
     transport = cycle.transport
     flow = cycle.flow
-    chunk = _chunker.chunk
+    chunker = _chunker
 
     def write(data: bytes) -> bool:
         if flow.write_paused or cycle.disconnected or cycle.response_complete or transport.is_closing():
             return False
-        transport.write(chunk(data))
+        if data is not chunker.data:
+            chunker.make(data)
+        transport.write(chunker.chunk)
         return True
 
     return write

@@ -43,10 +43,12 @@ class Subscription(Protocol):
         """Call ``callback`` each time half of the buffer is pending (None: stop). A reader that takes its events in
         batches on purpose (a stream pacing its writes under load) then goes on early, before it is cut off."""
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None) -> None:
+    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+                      taken: Callable[[StoredEvent, int], None] | None = None) -> None:
         """While the reader waits in ``next_batch`` with nothing pending, hand each new event to ``offer`` first
         (from within the publishing call); True: it took the event, which is then not buffered. None: stop. Events
-        reach the reader in order either way."""
+        reach the reader in order either way. ``taken(event, count)`` hears once per event how many of the
+        subscriptions that share it took the event."""
 
     def close(self, reason: str = "closed") -> None: ...
 

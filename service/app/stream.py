@@ -112,26 +112,24 @@ class SessionFeed:
         self._subscription.notify_when_filling(callback)
 
     def write_through(self, write: Callable[[bytes], bool] | None,
-                      written: Callable[[StoredEvent], None] | None = None) -> None:
+                      written: Callable[[StoredEvent, int], None] | None = None) -> None:
         """While the reader waits for live events, write each new one's frame with ``write`` at once (see
-        :meth:`Subscription.write_through`); when it returns True the event counts as delivered and ``written``
-        hears of it, else it waits for :meth:`next` as usual. None: stop."""
+        :meth:`Subscription.write_through`); when it returns True the event counts as delivered, else it waits for
+        :meth:`next` as usual. ``written(event, streams)`` hears of the writes once per event, for every feed that
+        shares it. None: stop."""
         if write is None:
             self._subscription.write_through(None)
             return
 
         def take(event: StoredEvent) -> bool:
-            if event.id <= self.last_id:
-                return True  # the replay gave it already
-            if not self.live or not write(event.frame):
+            # An event the replay gave already is left to next(), which skips it (offers come once the feed is live).
+            if event.id <= self.last_id or not write(event.frame):
                 return False
             self.last_id = event.id
             self.delivered += 1
-            if written is not None:
-                written(event)
             return True
 
-        self._subscription.write_through(take)
+        self._subscription.write_through(take, written)
 
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every

@@ -232,3 +232,68 @@ async def test_a_parked_reader_is_woken_not_notified() -> None:
     broker.publish(stored(1))  # half of two, but the reader is waiting: the wake-up is enough
     assert ids(await asyncio.wait_for(reader, 1)) == [1]
     assert heard == []
+
+
+async def parked(subscription: BufferedSubscription) -> asyncio.Task[list[StoredEvent]]:
+    """A reader waiting in ``next_batch``."""
+    reading = asyncio.create_task(subscription.next_batch())
+    await asyncio.sleep(0)
+    return reading
+
+
+async def test_what_waiting_readers_take_is_accounted_once_per_event_for_all_of_them() -> None:
+    broker = MemoryBroker()
+    written: list[bytes] = []
+    accounts: list[tuple[int, int]] = []
+    refusing: list[int] = []
+
+    class Account:
+        def taken(self, event: StoredEvent, count: int) -> None:
+            assert len(written) % 3 == 0, "told once every subscription had its offer"
+            accounts.append((event.id, count))
+
+    account = Account()
+
+    def offer(event: StoredEvent) -> bool:
+        written.append(event.frame)
+        return True
+
+    def refuse(event: StoredEvent) -> bool:
+        refusing.append(event.id)
+        return False
+
+    subscriptions = [broker.subscribe("s1", 10) for _ in range(5)]
+    for subscription in subscriptions[:3]:
+        subscription.write_through(offer, account.taken)  # a bound method made anew each time: equal, not the same
+    subscriptions[3].write_through(refuse, account.taken)
+    readers = [await parked(subscription) for subscription in subscriptions]
+    broker.publish(stored(1))
+    broker.publish(stored(2))
+    assert accounts == [(1, 3), (2, 3)], "refused and plain subscriptions are not counted"
+    assert len(written) == 6
+    assert refusing == [1], "once it buffered one event, the next waits behind it without an offer"
+    for reader in readers[:3]:
+        assert not reader.done(), "what the offer took wakes nobody"
+        reader.cancel()
+    for reader in readers[3:]:
+        assert ids(await reader) == [1, 2], "buffered, in order"
+
+
+async def test_an_offer_set_while_the_reader_waits_applies_at_once_and_none_once_closed() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    offered: list[int] = []
+
+    def offer(event: StoredEvent) -> bool:
+        offered.append(event.id)
+        return True
+
+    reader = await parked(subscription)
+    subscription.write_through(offer)
+    broker.publish(stored(1))
+    assert offered == [1]
+    assert not reader.done()
+    subscription.close("client_gone")
+    broker.publish(stored(2))
+    assert offered == [1], "a closed subscription is offered nothing"
+    assert await reader == []

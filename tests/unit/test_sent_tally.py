@@ -20,19 +20,17 @@ async def test_each_write_counts_its_bytes_and_types_and_each_event_one_latency_
     a = StoredEvent.encode(1, Thinking(session_id="s", task_id="t", delta="a"))
     b = StoredEvent.encode(2, Thinking(session_id="s", task_id="t", delta="bb"))
     c = StoredEvent.encode(3, ToolCallStream(session_id="s", task_id="t", tool_name="bash", call_id="c", chunk="x"))
-    for _ in range(3):
-        tally.add(a)        # one event to three streams, one after the other
-    tally.add(b)
-    tally.add(b)
-    tally.add(a)            # the first again, after another: still counted
+    tally.wrote(a, 3)       # one event written through to three streams
+    tally.wrote(b, 2)
+    tally.wrote(a)          # the first again, by one more stream: counted, but no second latency sample
     tally.add(c, len(c.frame) + len(a.frame))  # one write of two events, c the oldest
     tally.count("thinking", 1)
-    tally.add(c)
+    tally.add(c, 2 * len(c.frame), 2)           # two streams, each writing c alone from its own turn
     assert value(metrics, "alex_sse_bytes_sent_total") == 0  # nothing before the end of the turn
     await asyncio.sleep(0)
-    assert value(metrics, "alex_sse_bytes_sent_total") == 5 * len(a.frame) + 2 * len(b.frame) + 2 * len(c.frame)
+    assert value(metrics, "alex_sse_bytes_sent_total") == 5 * len(a.frame) + 2 * len(b.frame) + 3 * len(c.frame)
     assert value(metrics, "alex_sse_events_sent_total", event_type="thinking") == 7
-    assert value(metrics, "alex_sse_events_sent_total", event_type="tool_call_stream") == 2
+    assert value(metrics, "alex_sse_events_sent_total", event_type="tool_call_stream") == 3
     assert value(metrics, "alex_sse_delivery_latency_seconds_count") == 3
 
 
@@ -40,10 +38,9 @@ async def test_the_next_turn_starts_a_new_account() -> None:
     metrics = Metrics(process=False)
     tally = SentTally(metrics)
     a = StoredEvent.encode(1, Thinking(session_id="s", task_id="t", delta="a"))
-    tally.add(a)
-    tally.add(a)
+    tally.wrote(a, 2)
     await asyncio.sleep(0)
-    tally.add(a)            # the same event, written by a stream a turn later
+    tally.wrote(a)          # the same event, written by a stream a turn later
     await asyncio.sleep(0)
     assert value(metrics, "alex_sse_bytes_sent_total") == 3 * len(a.frame)
     assert value(metrics, "alex_sse_events_sent_total", event_type="thinking") == 3

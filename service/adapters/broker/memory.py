@@ -4,7 +4,8 @@ This is the hot path of delivery: one ``publish`` per event reaches every subscr
 those), doing O(1) work for each: one list append and, when its reader is parked, one wake-up. Nothing is encoded
 here; every subscriber receives the same :class:`StoredEvent`, whose SSE frame was made once at append. A reader
 that can take an event on the spot (a stream whose socket is free, see :meth:`BufferedSubscription.write_through`)
-gets it within ``publish`` instead, with neither the append nor the wake-up.
+gets it within ``publish`` instead, with neither the append nor the wake-up: one call per subscriber, and one call
+per event for the account of all of them.
 
 Everything runs on one event loop: ``publish``, ``subscribe``, ``close`` and ``next_batch`` must be called from the
 loop that owns the broker (no locks, no thread hops).
@@ -46,8 +47,8 @@ class BufferedSubscription:
     offered it before it is buffered.
     """
 
-    __slots__ = ("_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_offer", "_on_close",
-                 "_on_filling", "_pending", "_waiter", "session_id")
+    __slots__ = ("_armed", "_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_offer",
+                 "_on_close", "_on_filling", "_pending", "_taken", "_waiter", "session_id")
 
     def __init__(self, session_id: str, buffer_size: int,
                  on_close: Callable[[BufferedSubscription], None] | None = None) -> None:
@@ -66,6 +67,9 @@ class BufferedSubscription:
         self._on_filling: Callable[[], None] | None = None
         self._filling_at = max(1, buffer_size // 2)
         self._offer: Callable[[StoredEvent], bool] | None = None
+        self._taken: Callable[[StoredEvent, int], None] | None = None
+        self._armed: Callable[[StoredEvent], bool] | None = None
+        """``_offer`` while the reader waits with nothing pending, else None: what ``publish`` looks at."""
 
     @property
     def close_reason(self) -> str | None:
@@ -95,10 +99,11 @@ class BufferedSubscription:
                 raise RuntimeError("a subscription has one reader at a time")
             waiter = asyncio.get_running_loop().create_future()
             self._waiter = waiter
+            self._armed = self._offer
             try:
                 await waiter
             finally:
-                self._waiter = None
+                self._waiter = self._armed = None
         batch, self._pending = self._pending, []
         return batch
 
@@ -106,10 +111,15 @@ class BufferedSubscription:
         """Call ``callback`` each time half of the buffer is pending (None: stop)."""
         self._on_filling = callback
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None) -> None:
+    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+                      taken: Callable[[StoredEvent, int], None] | None = None) -> None:
         """While the reader waits in :meth:`next_batch` with nothing pending, hand each new event to ``offer``
         first, from within ``publish``; it returns True when it took the event (which then is not buffered, and
         wakes nobody), False to have it buffered as usual. None: stop.
+
+        ``taken``, when given, hears of what ``offer`` took once per event for all the subscriptions that share it:
+        ``taken(event, count)``, once ``publish`` has offered the event to every subscription of its session. It is
+        the account of the writes (metrics), kept out of the walk.
 
         Events reach the reader in order either way: an event is offered only when none is pending, and once one is
         buffered (the reader is being woken) the next ones are buffered behind it until the reader has taken them
@@ -117,6 +127,10 @@ class BufferedSubscription:
         not subscribe, close or unsubscribe anything itself.
         """
         self._offer = offer
+        self._taken = taken if offer is not None else None
+        waiter = self._waiter
+        waiting = waiter is not None and not waiter.done() and not self._pending
+        self._armed = offer if waiting and not self._closed else None
 
     def close(self, reason: str = "closed") -> None:
         """Stop receiving events; pending ones stay readable (see the class docstring). Idempotent."""
@@ -124,20 +138,18 @@ class BufferedSubscription:
             self._on_close(self)
 
     def _deliver(self, event: StoredEvent) -> bool:
-        """Queue one event (broker only). False when this overflowed it: the caller then unsubscribes it."""
+        """Queue one event the offer did not take (broker only). False when this overflowed it: the caller then
+        unsubscribes it."""
         if self._closed:
             return True
         pending = self._pending
-        if not pending and self._offer is not None:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done() and self._offer(event):
-                return True
         if len(pending) >= self._buffer_size:
             self._dropped += len(pending) + 1
             self._pending = []
             self._mark_closed(SLOW_CLIENT)
             return False
         pending.append(event)
+        self._armed = None  # the next events wait behind this one
         waiter = self._waiter
         # Only the first event after the reader parked costs a wake-up; later ones find the future done.
         if waiter is not None and not waiter.done():
@@ -151,7 +163,7 @@ class BufferedSubscription:
             return False
         self._closed = True
         self._close_reason = reason
-        self._offer = self._on_filling = None
+        self._offer = self._armed = self._on_filling = self._taken = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -176,12 +188,26 @@ class MemoryBroker:
         if not subscribers:
             return
         overflowed: list[BufferedSubscription] | None = None
+        account: Callable[[StoredEvent, int], None] | None = None
+        taken = 0
         for subscription in subscribers:
+            offer = subscription._armed
+            if offer is not None and offer(event):
+                # What was written through is accounted for once per event (every stream shares one account).
+                if subscription._taken == account:
+                    taken += 1
+                elif subscription._taken is not None:
+                    if account is not None:
+                        account(event, taken)
+                    account, taken = subscription._taken, 1
+                continue
             if not subscription._deliver(event):
                 # Removed after the loop: the dict must not change while it is being iterated.
                 if overflowed is None:
                     overflowed = []
                 overflowed.append(subscription)
+        if account is not None:
+            account(event, taken)
         if overflowed is not None:
             for subscription in overflowed:
                 self._remove(subscription)

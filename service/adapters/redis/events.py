@@ -99,8 +99,9 @@ class FollowedSubscription:
     def notify_when_filling(self, callback: Callable[[], None] | None) -> None:
         self._subscription.notify_when_filling(callback)
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None) -> None:
-        self._subscription.write_through(offer)
+    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+                      taken: Callable[[StoredEvent, int], None] | None = None) -> None:
+        self._subscription.write_through(offer, taken)
 
     def close(self, reason: str = "closed") -> None:
         self._subscription.close(reason)

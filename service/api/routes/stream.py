@@ -67,10 +67,10 @@ class SentTally:
     added to the metrics once per turn of the event loop.
 
     A live event often goes out on many streams in one turn (every subscriber of its session, from the publisher's
-    turn): its frame's bytes and its type are counted once per stream, as the metrics say, but the delivery latency
-    gets one sample per event and turn, since every stream wrote it at the same moment. A write of several events
-    gives one sample, of its oldest. The account is due at the end of the turn it was made in, well before anyone
-    scrapes it.
+    turn): the broker then reports it once with the number of streams (:meth:`wrote`). Its frame's bytes and its
+    type are counted once per stream, as the metrics say, but the delivery latency gets one sample per event and
+    turn, since every stream wrote it at the same moment. A write of several events gives one sample, of its oldest.
+    The account is due at the end of the turn it was made in, well before anyone scrapes it.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -79,25 +79,19 @@ class SentTally:
         self._by_type: dict[str, int] = {}
         self._appended: dict[int, float] = {}
         self._due = False
-        self._last: StoredEvent | None = None
-        """The event of the last single-frame write, and how many more streams wrote it since (publishing goes
-        through a session's subscribers one after the other: each further one costs a comparison)."""
-        self._repeats = 0
 
-    def add(self, oldest: StoredEvent, size: int | None = None) -> None:
-        """One write of ``size`` bytes (default: ``oldest``'s frame alone) whose oldest event is ``oldest`` (the
-        caller counts the other events' types)."""
-        if oldest is self._last and size is None:
-            self._repeats += 1
-            return
-        self._fold_repeats()
-        self._bytes += len(oldest.frame) if size is None else size
+    def wrote(self, event: StoredEvent, streams: int = 1) -> None:
+        """``event``'s frame alone went out on ``streams`` streams."""
+        self.add(event, len(event.frame) * streams, streams)
+
+    def add(self, oldest: StoredEvent, size: int, writes: int = 1) -> None:
+        """``writes`` writes of ``size`` bytes in all, each with ``oldest`` as its oldest event (the caller counts
+        the other events' types with :meth:`count`)."""
+        self._bytes += size
         by_type = self._by_type
-        by_type[oldest.event_type] = by_type.get(oldest.event_type, 0) + 1
+        by_type[oldest.event_type] = by_type.get(oldest.event_type, 0) + writes
         if oldest.appended_at:
             self._appended[oldest.id] = oldest.appended_at
-        if size is None:
-            self._last = oldest
         if not self._due:
             self._due = True
             asyncio.get_running_loop().call_soon(self.settle)
@@ -106,17 +100,8 @@ class SentTally:
         """More events of one write, besides its oldest."""
         self._by_type[event_type] = self._by_type.get(event_type, 0) + count
 
-    def _fold_repeats(self) -> None:
-        last, repeats = self._last, self._repeats
-        if last is not None and repeats:
-            self._bytes += len(last.frame) * repeats
-            self._by_type[last.event_type] += repeats
-        self._last = None
-        self._repeats = 0
-
     def settle(self) -> None:
         """Add what was counted to the metrics."""
-        self._fold_repeats()
         self._due = False
         metrics = self._metrics
         now = time.time()
@@ -214,7 +199,7 @@ class _Stream:
 
     def write_through(self, write: Callable[[bytes], bool]) -> None:
         if self._renderer is None:  # a renderer may wait for its frame: it takes the writer's own turn
-            self._feed.write_through(write, self._tally.add)
+            self._feed.write_through(write, self._tally.wrote)
 
     def gone(self) -> None:
         self._feed.close(CLIENT_GONE)
