@@ -101,9 +101,11 @@ def test_times_format_as_isoformat_would_whatever_came_before(sequence: list[dat
     # Each call may hit or miss the cached second: every order must give the reference text.
     for moment in sequence:
         utc = reference_utc(moment)
-        assert format_timestamp(moment) == utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        expected = utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert format_timestamp(moment) == expected
         assert to_db_time(moment) == utc.isoformat(timespec="microseconds")
         assert from_db_time(to_db_time(moment)) == utc
+        assert format_timestamp(moment) == expected, "the same moment again (an event's row after its JSON)"
 
 
 def test_two_moments_of_one_second_in_two_zones_share_nothing_but_the_second() -> None:

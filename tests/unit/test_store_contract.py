@@ -606,6 +606,19 @@ async def test_sqlite_skips_ids_after_an_unclean_stop(tmp_path: Path) -> None:
         await db.close()
 
 
+async def test_sqlite_rows_carry_the_events_own_timestamp(tmp_path: Path) -> None:
+    db = await SqliteDatabase.open(tmp_path / "alex.db")
+    log = await SqliteEventLog.open(db, MemoryBroker(), RETENTION)
+    try:
+        appended = [await log.append(thinking("s1", n)) for n in range(3)]
+        await log.flush()
+        rows = await db.run(lambda c: c.execute("SELECT id, created_at FROM events ORDER BY id").fetchall())
+    finally:
+        await log.close()
+        await db.close()
+    assert [tuple(row) for row in rows] == [(event.id, event.to_dict()["timestamp"]) for event in appended]
+
+
 @pytest.fixture
 async def locked_sqlite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -25,9 +25,9 @@ import structlog
 
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
 from service.adapters.jsoncodec import dumps
-from service.adapters.store.sqlite import SqliteDatabase, to_db_time, transaction
+from service.adapters.store.sqlite import SqliteDatabase, transaction
 from service.domain.errors import Unavailable
-from service.domain.events import Event, StoredEvent
+from service.domain.events import Event, StoredEvent, format_timestamp
 
 _log = structlog.get_logger(__name__)
 
@@ -56,7 +56,9 @@ _HIGH_WATER = "event_id_high_water"
 _CLEAN = "event_log_clean_shutdown"
 
 _Row = tuple[int, str, str, str, str, str]
-"""id, session_id, task_id, event_type, data, created_at: the columns of ``events``, in order."""
+"""id, session_id, task_id, event_type, data, created_at: the columns of ``events``, in order. ``created_at`` is
+the event's own ``timestamp`` as its JSON has it (RFC 3339 with milliseconds, ``...T10:00:00.123Z``): formatted
+once for both. Nothing reads it back; it is there for whoever looks at the table."""
 
 # OR IGNORE: a batch retried after a write whose outcome was unknown (a cancelled flusher) must not fail on
 # its own rows; ids come from one sequence, so an existing id is always that same row.
@@ -141,7 +143,7 @@ class SqliteEventLog:
         stored = StoredEvent.encode(event_id, event, dumps)
         session_id = event.session_id
         self._queued.append((event_id, session_id, event.task_id, event.event_type, stored.data,
-                             to_db_time(event.timestamp)))
+                             format_timestamp(event.timestamp)))
         count = self._since_trim.get(session_id, 0) + 1
         if count > self._trim_every:
             self._since_trim.pop(session_id, None)
