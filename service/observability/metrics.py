@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import platform
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -101,6 +102,28 @@ AUTH_FAILURE_REASONS = (
 )
 UNKNOWN_TOOL = "unknown"
 """The ``tool`` label of a call to a tool the registry does not have (the model's name is not a bounded value)."""
+
+
+class BatchHistogram(Histogram):
+    """A histogram (without labels) that also takes many observations at once (:meth:`observe_many`): one lock per
+    bucket touched and one for the sum, where ``observe`` takes two per value. The delivery latency gets a sample
+    per event; under load that is thousands a second, each of which cost more than writing its frame to a stream.
+    """
+
+    def observe_many(self, amounts: Iterable[float]) -> None:
+        """``observe`` each of ``amounts``: the same buckets, count and sum."""
+        if self._labelnames and not self._labelvalues:
+            raise ValueError(f"{self._name} has labels: observe on a child from labels()")
+        bounds = self._upper_bounds
+        counts = [0] * len(bounds)
+        total = 0.0
+        for amount in amounts:
+            counts[bisect_left(bounds, amount)] += 1  # the first bound at or above it, as observe() finds it
+            total += amount
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+        self._sum.inc(total)
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -161,7 +184,7 @@ class Metrics:
         self.sse_time_to_first_event = Histogram(
             f"{PREFIX}_sse_time_to_first_event_seconds",
             "From a stream request's arrival to its first frame written.", buckets=LATENCY_BUCKETS, registry=r)
-        self.sse_delivery_latency = Histogram(
+        self.sse_delivery_latency = BatchHistogram(
             f"{PREFIX}_sse_delivery_latency_seconds",
             "From a live event's append to its frame written on a stream.", buckets=LATENCY_BUCKETS, registry=r)
         self.sse_connection_duration = Histogram(

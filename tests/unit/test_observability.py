@@ -6,15 +6,18 @@ import re
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from prometheus_client import CollectorRegistry
 
 from service.config import ConfigError, load_settings
 from service.observability import metrics as metrics_module
 from service.observability.logging import add_trace_ids
-from service.observability.metrics import Metrics
+from service.observability.metrics import LATENCY_BUCKETS, BatchHistogram, Metrics
 from service.observability.tracing import build_tracer_provider, extract_context, task_trace
 from tests.unit.fakes import clear_settings_environment
 
@@ -163,3 +166,28 @@ def test_a_series_kept_by_the_metrics_records_into_the_labelled_series() -> None
     sample = metrics.registry.get_sample_value
     assert sample("alex_tool_calls_total", {"tool": "list_files", "outcome": "ok"}) == 2
     assert sample("alex_http_request_duration_seconds_count", {"method": "POST", "route": "/api/tasks"}) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=120.0) | st.sampled_from(LATENCY_BUCKETS), max_size=50))
+def test_many_observations_at_once_come_out_as_one_at_a_time(amounts: list[float]) -> None:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    single = BatchHistogram("h_seconds", "h", buckets=LATENCY_BUCKETS, registry=one)
+    batch = BatchHistogram("h_seconds", "h", buckets=LATENCY_BUCKETS, registry=many)
+    for amount in amounts:
+        single.observe(amount)
+    batch.observe_many(amounts)
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = "+Inf" if bound == float("inf") else str(bound)
+        expected = one.get_sample_value("h_seconds_bucket", {"le": le})
+        assert expected is not None
+        assert many.get_sample_value("h_seconds_bucket", {"le": le}) == expected, f"bucket le={le}"
+    assert many.get_sample_value("h_seconds_count") == one.get_sample_value("h_seconds_count") == len(amounts)
+    assert many.get_sample_value("h_seconds_sum") == pytest.approx(one.get_sample_value("h_seconds_sum"))
+
+
+def test_many_observations_need_a_child_of_a_labelled_histogram() -> None:
+    labelled = BatchHistogram("h_seconds", "h", ["route"], registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="has labels"):
+        labelled.observe_many([0.1])
+    labelled.labels("a").observe_many([0.1])

@@ -105,8 +105,9 @@ class SentTally:
         self._due = False
         metrics = self._metrics
         now = time.time()
-        for appended in self._appended.values():
-            metrics.sse_delivery_latency.observe(max(0.0, now - appended))
+        if self._appended:
+            metrics.sse_delivery_latency.observe_many([max(0.0, now - appended)
+                                                       for appended in self._appended.values()])
         metrics.sse_bytes_sent.inc(self._bytes)
         for event_type, count in self._by_type.items():
             metrics.count_sent(event_type, count)
