@@ -30,7 +30,7 @@ async def test_a_stream_that_is_not_written_through_fails_the_run(monkeypatch: p
 
 
 def test_the_command_prints_the_table() -> None:
-    done = subprocess.run([sys.executable, "-m", "loadtests.hotpath", "--rounds", "1", "--streams", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    command = [sys.executable, "-m", "loadtests.hotpath", "--rounds", "1", "--streams", "2", "--events", "1000"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
     assert "per delivery (2 streams a session)" in done.stdout
