@@ -43,8 +43,8 @@ from typing import Any
 import uvloop
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from loadtests.servers.control import TASK_ID, TRACE_ID
-from loadtests.workload import payload
+from loadtests.servers.control import TASK_ID, TRACE_ID, produce
+from loadtests.workload import Workload
 from service.adapters.broker.memory import MemoryBroker
 from service.adapters.store.sqlite import SqliteDatabase
 from service.adapters.store.sqlite_events import SqliteEventLog
@@ -54,7 +54,10 @@ from service.app.stream import LogSink, SessionFeed
 from service.domain.events import ToolCallStream
 from service.observability.metrics import Metrics
 
-SESSIONS = 100
+WORKLOAD = Workload()
+SESSIONS = WORKLOAD.sessions
+SESSION_IDS = WORKLOAD.session_ids
+PAYLOAD_BYTES = WORKLOAD.payload_bytes
 MODES = ("producer", "append", "deliver")
 CPU_EVENTS = 20_000
 INSTRUCTION_EVENTS = (2_000, 6_000)
@@ -86,9 +89,9 @@ async def _follow(log: SqliteEventLog, tally: SentTally, streams: int) -> list[t
     """``streams`` feeds per session, each replayed (nothing stored yet) and waiting for live events with
     write-through on, as a stream is."""
     followed = []
-    for number in range(SESSIONS):
+    for session_id in SESSION_IDS:
         for _ in range(streams):
-            feed = SessionFeed(log, f"bench-{number:05d}", 0, 1_000)
+            feed = SessionFeed(log, session_id, 0, 1_000)
             feed.write_through(socket_writer(_cycle().send), tally.wrote)
             followed.append((feed, asyncio.create_task(feed.next())))
     # The replays' reads go through the database thread, a few turns each; nothing to wait on but the feeds.
@@ -99,18 +102,18 @@ async def _follow(log: SqliteEventLog, tally: SentTally, streams: int) -> list[t
 
 
 async def _produce(sink: LogSink | None, events_per_session: int) -> None:
-    """The benchmark's producer: a task per session, an event per turn of the loop (``sink`` None: made only)."""
+    """The benchmark's producer (a task per session, an event per turn of the loop), into ``sink`` (None: the
+    events are made, not appended)."""
 
-    async def one(session_id: str) -> None:
-        for seq in range(events_per_session):
-            event = ToolCallStream(session_id=session_id, task_id=TASK_ID, trace_id=TRACE_ID, iteration=1,
-                                   tool_name="bash", call_id="call_1_0", chunk=payload(seq, 100))
-            if sink is None:
-                await asyncio.sleep(0)  # the turn LogSink takes
-            else:
-                await sink.emit(event)
+    async def emit(session_id: str, seq: int, chunk: str) -> None:
+        event = ToolCallStream(session_id=session_id, task_id=TASK_ID, trace_id=TRACE_ID, iteration=1,
+                               tool_name="bash", call_id="call_1_0", chunk=chunk)
+        if sink is None:
+            await asyncio.sleep(0)  # the turn LogSink takes
+        else:
+            await sink.emit(event)
 
-    await asyncio.gather(*(one(f"bench-{number:05d}") for number in range(SESSIONS)))
+    await produce(emit, SESSION_IDS, events_per_session, PAYLOAD_BYTES)
 
 
 async def _round(folder: Path, mode: str, events: int, streams: int) -> float:
