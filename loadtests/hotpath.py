@@ -155,11 +155,16 @@ def _child(mode: str, events: int, streams: int, rounds: int) -> None:
     print(" ".join(f"{seconds * 1e6:.3f}" for seconds in per_event))
 
 
+def _child_command(mode: str, events: int, streams: int, rounds: int) -> list[str]:
+    """This module run as the child that measures one mode."""
+    return [sys.executable, "-m", "loadtests.hotpath", "--child", mode, "--events", str(events),
+            "--streams", str(streams), "--rounds", str(rounds)]
+
+
 def _instructions(mode: str, events: int, streams: int) -> int:
     """Instructions of a whole child run under cachegrind."""
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-               sys.executable, "-m", "loadtests.hotpath", "--child", mode, "--events", str(events),
-               "--streams", str(streams), "--rounds", "1"]
+               *_child_command(mode, events, streams, 1)]
     environment = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     found = _REFS.search(done.stderr)
@@ -170,8 +175,7 @@ def _instructions(mode: str, events: int, streams: int) -> int:
 
 def _cpu(mode: str, events: int, streams: int, rounds: int) -> float:
     """Median CPU microseconds per event of ``rounds`` rounds, in a child pinned to one core when it can be."""
-    command = [sys.executable, "-m", "loadtests.hotpath", "--child", mode, "--events", str(events),
-               "--streams", str(streams), "--rounds", str(rounds)]
+    command = _child_command(mode, events, streams, rounds)
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         command = ["taskset", "-c", "0", *command]
     done = subprocess.run(command, capture_output=True, text=True, check=False)

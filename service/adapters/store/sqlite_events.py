@@ -178,10 +178,7 @@ class SqliteEventLog:
         self._deletes[session_id] = self._next_id
         done = asyncio.get_running_loop().create_future()
         self._delete_waiters.append(done)
-        self._wake.set()
-        self._hurry.set()
-        if self._flusher.done():
-            self._restart_flusher()
+        self._write_now()
         await done
         self._broker.close_session(session_id, SESSION_DELETED)
 
@@ -219,16 +216,20 @@ class SqliteEventLog:
         lost = self._lost_batches
         while self._settled_id < target and self._has_work():
             progress = self._progress
-            self._wake.set()
-            self._hurry.set()
-            if self._flusher.done():
-                self._restart_flusher()
+            self._write_now()
             await progress.wait()
         if self._lost_batches != lost:
             raise Unavailable("the event store could not write; events may be missing") from self._last_error
 
     def _has_work(self) -> bool:
         return bool(self._queued or self._retry or self._inflight or self._trim_due or self._deletes)
+
+    def _write_now(self) -> None:
+        """Someone waits for rows: wake the flusher, cut its gathering short, restart it if it was cancelled."""
+        self._wake.set()
+        self._hurry.set()
+        if self._flusher.done():
+            self._restart_flusher()
 
     def _restart_flusher(self) -> None:
         # The flusher catches every error of a write, so this only happens when it was cancelled from outside.
