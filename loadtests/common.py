@@ -125,11 +125,16 @@ class Child:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the process has used so far (its threads included)."""
+        user, system = self.cpu_times()
+        return user + system
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system (kernel) CPU time the process has used so far, apart (its threads included)."""
         try:
             fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+            return float("nan"), float("nan")
+        return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
 
     def rss_bytes(self) -> int:
         try:

@@ -83,17 +83,19 @@ def run_once(kind: str, workload: Workload, folder: Path, *, timeout: float, rat
                    cpu=CLIENT_CPU) as client:
             client.expect("connected", 300)
             profiler = Profiler(server.process.pid, profile) if profile is not None else None
-            cpu_before = server.cpu_seconds()
+            user_before, system_before = server.cpu_times()
             events_rate = rate * workload.sessions / workload.streams if rate else None
             server.send({"do": "produce", "sessions": sessions, "events": workload.events_per_session,
                          "payload_bytes": workload.payload_bytes, "rate": events_rate})
             result = client.expect("done", timeout + 30)
-            cpu_used = server.cpu_seconds() - cpu_before
+            user, system = server.cpu_times()
             if profiler is not None:
                 profiler.stop()
             server.expect("produced", 60)
     result["server"] = kind
-    result["server_cpu_us"] = round(cpu_used / max(1, result["deliveries"]) * 1e6, 2)
+    per_delivery = 1e6 / max(1, result["deliveries"])
+    result["server_cpu_us"] = round((user - user_before + system - system_before) * per_delivery, 2)
+    result["server_system_us"] = round((system - system_before) * per_delivery, 2)
     result["lost"] = result["expected"] - result["deliveries"] + result["gaps"]
     return result
 
@@ -102,7 +104,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure over the turns of one server (the turns' worst for losses and errors)."""
     merged = dict(runs[-1])
     for key in ("deliveries_per_second", "p50_ms", "p90_ms", "p99_ms", "max_ms", "server_cpu_us",
-                "client_cpu_share", "seconds"):
+                "server_system_us", "client_cpu_share", "seconds"):
         merged[key] = round(statistics.median(r[key] for r in runs), 3)
     merged["lost"] = max(r["lost"] for r in runs)
     merged["errors"] = [e for r in runs for e in r["errors"]][:10]
@@ -127,7 +129,8 @@ def measure(workload: Workload, servers: tuple[str, ...], *, repeat: int, timeou
                 print(f"  turn {turn + 1}/{repeat} {kind:8} {result['deliveries_per_second']:>10,.0f} deliveries/s"
                       f"{offered}"
                       f"  p99 {result['p99_ms']:8.2f} ms  lost {result['lost']}  server {result['server_cpu_us']}"
-                      f" us/delivery  client cpu {result['client_cpu_share']:.0%}", file=sys.stderr, flush=True)
+                      f" us/delivery ({result['server_system_us']} in the kernel)"
+                      f"  client cpu {result['client_cpu_share']:.0%}", file=sys.stderr, flush=True)
         if keep:
             print(f"  logs kept in {folder}", file=sys.stderr)
     return {kind: median_of(results) for kind, results in runs.items()}

@@ -92,7 +92,9 @@ async def _follow(log: SqliteEventLog, tally: SentTally, streams: int) -> list[t
     for session_id in SESSION_IDS:
         for _ in range(streams):
             feed = SessionFeed(log, session_id, 0, 1_000)
-            feed.write_through(socket_writer(_cycle().send), tally.wrote)
+            writer = socket_writer(_cycle().send)
+            assert writer is not None
+            feed.write_through(writer.write, tally.wrote)
             followed.append((feed, asyncio.create_task(feed.next())))
     # The replays' reads go through the database thread, a few turns each; nothing to wait on but the feeds.
     while not all(feed.live for feed, _ in followed):  # noqa: ASYNC110

@@ -15,7 +15,9 @@ This is the last step of delivery, taken once per write of every stream, so it d
   write; a write costs no timer and no cancel scope (sse-starlette opened one around every write).
 - While a stream waits for events on a socket that takes bytes, an event is written from the publisher's own turn
   (:meth:`FrameSource.write_through`, with :func:`~service.api.stream_host.socket_writer`): no task wakes, nothing
-  is buffered. Only when the socket is full, or the stream is already awake, do events wait for its writer.
+  is buffered. Only when the socket is full, or the stream is already awake, do events wait for its writer. A
+  connection's second and later frames of one turn go out together when the turn ends (see ``socket_writer``);
+  the stream's own writes send them first.
 - A write carries everything the source has ready, and a heartbeat that falls due while events flow rides along.
 - While the event loop is behind, a stream that receives events faster than it can write them one by one writes
   at most once per :data:`PACE_SECONDS` (:class:`WritePacer`): a write costs the same system call whether it
@@ -42,7 +44,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from service.api.stream_host import HANDOFF, Handoff, socket_writer
+from service.api.stream_host import HANDOFF, Handoff, SocketWriter, socket_writer
 
 log = structlog.get_logger("service.sse")
 
@@ -168,7 +170,7 @@ class EventStreamResponse(Response):
         self._writing_since = 0.0
         self._stalled = False
         self._writer_ended = False
-        self._socket_write: Callable[[bytes], bool] | None = None
+        self._socket: SocketWriter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -184,7 +186,7 @@ class EventStreamResponse(Response):
         if handoff is None:
             await self._carry_on(None, receive, send)
             return
-        self._socket_write = socket_writer(handoff.send)
+        self._socket = socket_writer(handoff.send)
         if not handoff.enabled:
             await self._carry_on(None, receive, handoff.send)
         else:
@@ -253,8 +255,8 @@ class EventStreamResponse(Response):
             source.notify_when_filling(self._filling)
         await self._write(send, source.opening(), loop)
         source.opened()
-        if self._socket_write is not None:
-            source.write_through(self._socket_write)
+        if self._socket is not None:
+            source.write_through(self._socket.write)
         pacing = False
         last_write = 0.0
         while True:
@@ -289,9 +291,13 @@ class EventStreamResponse(Response):
         last = source.closing()
         if last is not None:
             await self._write(send, last, loop)
+        if self._socket is not None:
+            self._socket.flush()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _write(self, send: Send, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        if self._socket is not None:
+            self._socket.flush()  # what write-through held back in this turn goes first
         self._writing_since = loop.time()
         await send({"type": "http.response.body", "body": data, "more_body": True})
         self._writing_since = 0.0

@@ -3,6 +3,7 @@ may leave the framework (see :mod:`service.api.sse`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,15 +58,58 @@ class _Chunker:
 _chunker = _Chunker()
 
 
-def socket_writer(send: Send) -> Callable[[bytes], bool] | None:
-    """For the server's own ``send`` of a response whose head went out with chunked framing: a function that writes
-    one body chunk straight to the connection, and returns False, writing nothing, when it cannot right now (the
+class _Turn:
+    """The turn of the event loop the socket writers are in, as ``token``: an object made at the first frame a writer
+    sends in a turn, and dropped at the turn's end (:meth:`end`), when every frame held back during it goes out."""
+
+    __slots__ = ("held", "token")
+
+    def __init__(self) -> None:
+        self.token: object | None = None
+        self.held: list[Callable[[], None]] = []
+        """The ``flush`` of each writer that held frames back in this turn."""
+
+    def begin(self) -> object:
+        token = self.token = object()
+        asyncio.get_running_loop().call_soon(self.end)
+        return token
+
+    def end(self) -> None:
+        self.token = None
+        held, self.held = self.held, []
+        for flush in held:
+            flush()
+
+
+_turn = _Turn()
+
+
+class SocketWriter:
+    """What :func:`socket_writer` gives: ``write(frame) -> bool``, and ``flush()`` to send what ``write`` held back
+    in this turn of the loop at once (the stream's own writes call it first, to keep the frames in order)."""
+
+    __slots__ = ("flush", "write")
+
+    def __init__(self, write: Callable[[bytes], bool], flush: Callable[[], None]) -> None:
+        self.write = write
+        self.flush = flush
+
+
+def socket_writer(send: Send) -> SocketWriter | None:
+    """For the server's own ``send`` of a response whose head went out with chunked framing: a writer of body
+    chunks straight to the connection, whose ``write`` returns False, writing nothing, when it cannot right now (the
     socket takes no more bytes, the client left, the response is complete). None for any other server.
 
     This is what the server's ``send`` does for a body chunk that need not wait, without a coroutine, a message
-    dict or the checks of a head. It knows uvicorn's httptools protocol (the one ``alex-server serve`` runs), and
-    only its request cycle's ``transport``, ``flow``, ``chunked_encoding``, ``disconnected`` and
-    ``response_complete``; ``tests/unit/test_sse.py`` holds it to the real class.
+    dict or the checks of a head. The first frame of a turn of the event loop goes out at once; the next ones in the
+    same turn (an engine often emits a few events for a session in one turn) are held and go out together at the
+    end of the turn, in one system call, which also wakes the client once. A held frame counts as written: it goes
+    out even if the socket fills up meanwhile (a turn's frames are few; see ``LogSink``'s burst), and is dropped
+    only with the connection.
+
+    It knows uvicorn's httptools protocol (the one ``alex-server serve`` runs), and only its request cycle's
+    ``transport``, ``flow``, ``chunked_encoding``, ``disconnected`` and ``response_complete``;
+    ``tests/unit/test_sse.py`` holds it to the real class.
     """
     cycle: Any = getattr(send, "__self__", None)
     if type(cycle).__module__ != _HTTPTOOLS_CYCLE or getattr(cycle, "chunked_encoding", None) is not True:
@@ -73,16 +117,35 @@ def socket_writer(send: Send) -> Callable[[bytes], bool] | None:
     transport = cycle.transport
     flow = cycle.flow
     chunker = _chunker
+    turn = _turn
+    held: list[bytes] = []
+    wrote_in: object | None = None
+    """The turn in which this connection last wrote a frame at once."""
 
     def write(data: bytes) -> bool:
+        nonlocal wrote_in
         if flow.write_paused or cycle.disconnected or cycle.response_complete or transport.is_closing():
             return False
         if data is not chunker.data:
             chunker.make(data)
+        now = turn.token or turn.begin()
+        if wrote_in is now:
+            if not held:
+                turn.held.append(flush)
+            held.append(chunker.chunk)
+            return True
         transport.write(chunker.chunk)
+        wrote_in = now
         return True
 
-    return write
+    def flush() -> None:
+        if not held:
+            return
+        if not (cycle.disconnected or cycle.response_complete or transport.is_closing()):
+            transport.write(b"".join(held))
+        held.clear()
+
+    return SocketWriter(write, flush)
 
 
 class StreamHost:

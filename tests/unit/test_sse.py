@@ -253,16 +253,83 @@ async def test_the_socket_writer_knows_uvicorns_cycle_once_its_chunked_head_is_o
         send = connection.send
         assert socket_writer(send) is None, "no head yet: the framing is not known"
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-        write = socket_writer(send)
-        assert write is not None
-        assert write(b"data: x\n\n")
+        writer = socket_writer(send)
+        assert writer is not None
+        assert writer.write(b"data: x\n\n")
         await connection.read_until(lambda got: got.endswith(b"9\r\ndata: x\n\n\r\n"))
         connection.cycle.flow.pause_writing()
-        assert not write(b"data: y\n\n"), "the socket takes no more bytes: nothing is written"
+        assert not writer.write(b"data: y\n\n"), "the socket takes no more bytes: nothing is written"
         connection.cycle.flow.resume_writing()
         connection.cycle.disconnected = True
-        assert not write(b"data: y\n\n")
+        assert not writer.write(b"data: y\n\n")
     assert socket_writer(Client().send) is None
+
+
+class CountingTransport:
+    """The connection's real transport, with each ``write`` it is asked for recorded."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+async def counted_writer(connection: Connection) -> tuple[Any, CountingTransport]:
+    """A socket writer on ``connection`` once its chunked head is out, over a transport that counts writes."""
+    await connection.send({"type": "http.response.start", "status": 200, "headers": []})
+    counting = CountingTransport(connection.cycle.transport)
+    connection.cycle.transport = cast(Any, counting)
+    writer = socket_writer(connection.send)
+    assert writer is not None
+    await asyncio.sleep(0)  # start in a turn of its own
+    return writer, counting
+
+
+def chunk(frame: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+async def test_the_frames_a_connection_gets_after_the_first_in_one_turn_go_out_together_at_its_end() -> None:
+    async with uvicorn_connection() as connection:
+        writer, counting = await counted_writer(connection)
+        frames = [b"id: %d\ndata: x\n\n" % n for n in range(1, 5)]
+        assert all(writer.write(frame) for frame in frames[:3])
+        assert counting.writes == [chunk(frames[0])], "the first frame of the turn goes out at once, the rest wait"
+        await asyncio.sleep(0)  # the turn ends: what was held goes out in one write
+        assert counting.writes == [chunk(frames[0]), chunk(frames[1]) + chunk(frames[2])]
+        assert writer.write(frames[3])
+        assert len(counting.writes) == 3, "a new turn: its first frame goes out at once again"
+        received = await connection.read_until(lambda got: got.count(b"id: ") == 4)
+        assert [line for line in received.split(b"\n") if line.startswith(b"id: ")] == [
+            b"id: 1", b"id: 2", b"id: 3", b"id: 4"]
+
+
+async def test_flushing_sends_what_was_held_before_the_streams_own_next_write() -> None:
+    async with uvicorn_connection() as connection:
+        writer, counting = await counted_writer(connection)
+        assert writer.write(b"id: 1\n\n") and writer.write(b"id: 2\n\n")
+        writer.flush()
+        await connection.send({"type": "http.response.body", "body": b"id: 3\n\n", "more_body": True})
+        await asyncio.sleep(0)
+        assert counting.writes == [chunk(b"id: 1\n\n"), chunk(b"id: 2\n\n"), chunk(b"id: 3\n\n")], \
+            "nothing is left to go out at the turn's end"
+        await connection.read_until(lambda got: got.count(b"id: ") == 3)
+        assert connection.ids() == [b"id: 1", b"id: 2", b"id: 3"]
+
+
+async def test_frames_held_for_a_client_that_left_within_the_turn_are_dropped() -> None:
+    async with uvicorn_connection() as connection:
+        writer, counting = await counted_writer(connection)
+        assert writer.write(b"id: 1\n\n") and writer.write(b"id: 2\n\n")
+        connection.cycle.disconnected = True
+        await asyncio.sleep(0)
+        assert counting.writes == [chunk(b"id: 1\n\n")]
 
 
 async def test_under_uvicorn_an_idle_stream_writes_each_event_from_the_publishers_turn() -> None:
