@@ -4,6 +4,7 @@ may leave the framework (see :mod:`service.api.sse`)."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ _chunker = _Chunker()
 
 
 class _Turn:
-    """The turn of the event loop the socket writers are in, as ``token``: an object made at the first frame a writer
+    """The turn of one event loop its socket writers are in, as ``token``: an object made at the first frame a writer
     sends in a turn, and dropped at the turn's end (:meth:`end`), when every frame held back during it goes out."""
 
     __slots__ = ("held", "token")
@@ -81,7 +82,16 @@ class _Turn:
             flush()
 
 
-_turn = _Turn()
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turn] = weakref.WeakKeyDictionary()
+"""One per event loop (a server runs one; tests run many, and a loop closed mid-turn must not leave its turn open
+for the next). A turn holds no reference to its loop, which can go."""
+
+
+def _turn_of(loop: asyncio.AbstractEventLoop) -> _Turn:
+    turn = _TURNS.get(loop)
+    if turn is None:
+        turn = _TURNS[loop] = _Turn()
+    return turn
 
 
 class SocketWriter:
@@ -117,7 +127,7 @@ def socket_writer(send: Send) -> SocketWriter | None:
     transport = cycle.transport
     flow = cycle.flow
     chunker = _chunker
-    turn = _turn
+    turn = _turn_of(asyncio.get_running_loop())
     held: list[bytes] = []
     wrote_in: object | None = None
     """The turn in which this connection last wrote a frame at once."""
