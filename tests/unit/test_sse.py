@@ -313,7 +313,8 @@ async def test_the_frames_a_connection_gets_after_the_first_in_one_turn_go_out_t
 async def test_flushing_sends_what_was_held_before_the_streams_own_next_write() -> None:
     async with uvicorn_connection() as connection:
         writer, counting = await counted_writer(connection)
-        assert writer.write(b"id: 1\n\n") and writer.write(b"id: 2\n\n")
+        assert writer.write(b"id: 1\n\n")
+        assert writer.write(b"id: 2\n\n")
         writer.flush()
         await connection.send({"type": "http.response.body", "body": b"id: 3\n\n", "more_body": True})
         await asyncio.sleep(0)
@@ -326,7 +327,8 @@ async def test_flushing_sends_what_was_held_before_the_streams_own_next_write() 
 async def test_frames_held_for_a_client_that_left_within_the_turn_are_dropped() -> None:
     async with uvicorn_connection() as connection:
         writer, counting = await counted_writer(connection)
-        assert writer.write(b"id: 1\n\n") and writer.write(b"id: 2\n\n")
+        assert writer.write(b"id: 1\n\n")
+        assert writer.write(b"id: 2\n\n")
         connection.cycle.disconnected = True
         await asyncio.sleep(0)
         assert counting.writes == [chunk(b"id: 1\n\n")]
