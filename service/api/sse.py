@@ -292,7 +292,7 @@ class EventStreamResponse(Response):
         if last is not None:
             await self._write(send, last, loop)
         if self._socket is not None:
-            self._socket.flush()
+            self._socket.end()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _write(self, send: Send, data: bytes, loop: asyncio.AbstractEventLoop) -> None:

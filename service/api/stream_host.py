@@ -94,68 +94,80 @@ def _turn_of(loop: asyncio.AbstractEventLoop) -> _Turn:
     return turn
 
 
+class _Ended:
+    """What a writer reads as its flow control once its response is ending: writes paused for good."""
+
+    write_paused = True
+
+
+_ENDED = _Ended()
+
+
 class SocketWriter:
-    """What :func:`socket_writer` gives: ``write(frame) -> bool``, and ``flush()`` to send what ``write`` held back
-    in this turn of the loop at once (the stream's own writes call it first, to keep the frames in order)."""
+    """Body chunks of one response straight to its connection (see :func:`socket_writer`): ``write(frame) -> bool``;
+    ``flush()`` sends what ``write`` held back in this turn of the loop at once (the stream's own writes call it
+    first, to keep the frames in order); ``end()`` flushes and stops, before the response's last message.
 
-    __slots__ = ("flush", "write")
+    ``write`` is the one step of a delivery that touches the connection, once per stream an event goes to, so it
+    reads as little as it can: its own slots, the flow control and the transport, not uvicorn's request cycle. Of
+    the cycle's states that forbid a write, ``disconnected`` comes only with a closed transport, and
+    ``response_complete`` only after the stream's own last message, which :meth:`end` precedes.
+    """
 
-    def __init__(self, write: Callable[[bytes], bool], flush: Callable[[], None]) -> None:
-        self.write = write
-        self.flush = flush
+    __slots__ = ("_cycle", "_flow", "_held", "_transport", "_turn", "_wrote_in")
+
+    def __init__(self, cycle: Any, turn: _Turn) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._flow = cycle.flow
+        self._turn = turn
+        self._held: list[bytes] = []
+        self._wrote_in: object | None = None
+        """The turn in which this connection last wrote a frame at once."""
+
+    def write(self, data: bytes) -> bool:
+        transport = self._transport
+        if self._flow.write_paused or transport.is_closing():
+            return False
+        chunker = _chunker
+        if data is not chunker.data:
+            chunker.make(data)
+        turn = self._turn
+        now = turn.token or turn.begin()
+        if self._wrote_in is now:
+            held = self._held
+            if not held:
+                turn.held.append(self.flush)
+            held.append(chunker.chunk)
+            return True
+        transport.write(chunker.chunk)
+        self._wrote_in = now
+        return True
+
+    def flush(self) -> None:
+        held = self._held
+        if not held:
+            return
+        cycle = self._cycle
+        if not (cycle.disconnected or cycle.response_complete or self._transport.is_closing()):
+            self._transport.write(b"".join(held))
+        held.clear()
+
+    def end(self) -> None:
+        """Send what is held; from now on ``write`` writes nothing (the response's last message goes next)."""
+        self.flush()
+        self._flow = _ENDED
 
 
 def socket_writer(send: Send) -> SocketWriter | None:
     """For the server's own ``send`` of a response whose head went out with chunked framing: a writer of body
     chunks straight to the connection, whose ``write`` returns False, writing nothing, when it cannot right now (the
-    socket takes no more bytes, the client left, the response is complete). None for any other server.
-
-    This is what the server's ``send`` does for a body chunk that need not wait, without a coroutine, a message
-    dict or the checks of a head. The first frame of a turn of the event loop goes out at once; the next ones in the
-    same turn (an engine often emits a few events for a session in one turn) are held and go out together at the
-    end of the turn, in one system call, which also wakes the client once. A held frame counts as written: it goes
-    out even if the socket fills up meanwhile (a turn's frames are few; see ``LogSink``'s burst), and is dropped
-    only with the connection.
-
-    It knows uvicorn's httptools protocol (the one ``alex-server serve`` runs), and only its request cycle's
-    ``transport``, ``flow``, ``chunked_encoding``, ``disconnected`` and ``response_complete``;
-    ``tests/unit/test_sse.py`` holds it to the real class.
+    socket takes no more bytes, the connection is closing). None for any other server.
     """
     cycle: Any = getattr(send, "__self__", None)
     if type(cycle).__module__ != _HTTPTOOLS_CYCLE or getattr(cycle, "chunked_encoding", None) is not True:
         return None
-    transport = cycle.transport
-    flow = cycle.flow
-    chunker = _chunker
-    turn = _turn_of(asyncio.get_running_loop())
-    held: list[bytes] = []
-    wrote_in: object | None = None
-    """The turn in which this connection last wrote a frame at once."""
-
-    def write(data: bytes) -> bool:
-        nonlocal wrote_in
-        if flow.write_paused or cycle.disconnected or cycle.response_complete or transport.is_closing():
-            return False
-        if data is not chunker.data:
-            chunker.make(data)
-        now = turn.token or turn.begin()
-        if wrote_in is now:
-            if not held:
-                turn.held.append(flush)
-            held.append(chunker.chunk)
-            return True
-        transport.write(chunker.chunk)
-        wrote_in = now
-        return True
-
-    def flush() -> None:
-        if not held:
-            return
-        if not (cycle.disconnected or cycle.response_complete or transport.is_closing()):
-            transport.write(b"".join(held))
-        held.clear()
-
-    return SocketWriter(write, flush)
+    return SocketWriter(cycle, _turn_of(asyncio.get_running_loop()))
 
 
 class StreamHost:

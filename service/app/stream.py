@@ -70,11 +70,20 @@ class HoldingSink:
         await self._sink.emit(event)
 
 
+def _no_write(frame: bytes) -> bool:
+    return False
+
+
 class SessionFeed:
     """Iterate to get batches of events; ``close_reason`` says why the feed ended (``slow_client``, ``draining``...)."""
 
+    # Slots: what a delivery written through reads and counts (see _take) sits in the feed itself, not in a dict.
+    __slots__ = ("_after_id", "_log", "_session_id", "_subscription", "_write", "delivered", "last_id", "live",
+                 "place", "released", "replayed")
+
     def __init__(self, log: EventLog, session_id: str, after_id: int, buffer_size: int) -> None:
         self._log = log
+        self._write: Callable[[bytes], bool] = _no_write
         self._session_id = session_id
         self._after_id = after_id
         self._subscription = log.subscribe(session_id, buffer_size)
@@ -117,19 +126,16 @@ class SessionFeed:
         :meth:`Subscription.write_through`); when it returns True the event counts as delivered, else it waits for
         :meth:`next` as usual. ``written(event, streams)`` hears of the writes once per event, for every feed that
         shares it. None: stop."""
-        if write is None:
-            self._subscription.write_through(None)
-            return
+        self._write = _no_write if write is None else write
+        self._subscription.write_through(None if write is None else self._take, written)
 
-        def take(event: StoredEvent) -> bool:
-            # An event the replay gave already is left to next(), which skips it (offers come once the feed is live).
-            if event.id <= self.last_id or not write(event.frame):
-                return False
-            self.last_id = event.id
-            self.delivered += 1
-            return True
-
-        self._subscription.write_through(take, written)
+    def _take(self, event: StoredEvent) -> bool:
+        # An event the replay gave already is left to next(), which skips it (offers come once the feed is live).
+        if event.id <= self.last_id or not self._write(event.frame):
+            return False
+        self.last_id = event.id
+        self.delivered += 1
+        return True
 
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every

@@ -260,8 +260,18 @@ async def test_the_socket_writer_knows_uvicorns_cycle_once_its_chunked_head_is_o
         connection.cycle.flow.pause_writing()
         assert not writer.write(b"data: y\n\n"), "the socket takes no more bytes: nothing is written"
         connection.cycle.flow.resume_writing()
-        connection.cycle.disconnected = True
-        assert not writer.write(b"data: y\n\n")
+        assert writer.write(b"data: z\n\n"), "the socket takes bytes again"
+        writer.end()
+        assert not writer.write(b"data: y\n\n"), "the response is ending: nothing more is written"
+        await connection.read_until(lambda got: got.endswith(b"9\r\ndata: z\n\n\r\n"))
+        assert b"data: y" not in connection.received
+    async with uvicorn_connection() as connection:
+        await connection.send({"type": "http.response.start", "status": 200, "headers": []})
+        writer = socket_writer(connection.send)
+        assert writer is not None
+        connection.cycle.transport.close()
+        connection.cycle.disconnected = True  # what uvicorn's connection_lost sets
+        assert not writer.write(b"data: y\n\n"), "the connection is closing"
     assert socket_writer(Client().send) is None
 
 
@@ -322,6 +332,19 @@ async def test_flushing_sends_what_was_held_before_the_streams_own_next_write() 
             "nothing is left to go out at the turn's end"
         await connection.read_until(lambda got: got.count(b"id: ") == 3)
         assert connection.ids() == [b"id: 1", b"id: 2", b"id: 3"]
+
+
+async def test_ending_the_writer_sends_what_was_held_and_stops_it_before_the_responses_last_message() -> None:
+    async with uvicorn_connection() as connection:
+        writer, counting = await counted_writer(connection)
+        assert writer.write(b"id: 1\n\n")
+        assert writer.write(b"id: 2\n\n")
+        writer.end()
+        assert counting.writes == [chunk(b"id: 1\n\n"), chunk(b"id: 2\n\n")]
+        assert not writer.write(b"id: 3\n\n"), "an ended writer takes nothing (its response completes next)"
+        await connection.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await asyncio.sleep(0)
+        assert counting.writes == [chunk(b"id: 1\n\n"), chunk(b"id: 2\n\n"), b"0\r\n\r\n"]
 
 
 async def test_frames_held_for_a_client_that_left_within_the_turn_are_dropped() -> None:

@@ -194,12 +194,13 @@ class MemoryBroker:
             offer = subscription._armed
             if offer is not None and offer(event):
                 # What was written through is accounted for once per event (every stream shares one account).
-                if subscription._taken == account:
+                taker = subscription._taken
+                if taker is account or taker == account:
                     taken += 1
-                elif subscription._taken is not None:
+                elif taker is not None:
                     if account is not None:
                         account(event, taken)
-                    account, taken = subscription._taken, 1
+                    account, taken = taker, 1
                 continue
             if not subscription._deliver(event):
                 # Removed after the loop: the dict must not change while it is being iterated.
