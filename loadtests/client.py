@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import urlsplit
 
 import uvloop
@@ -54,6 +56,9 @@ class ClientConfig:
     """Idle streams: how long to hold them open, counting heartbeats, after all are connected."""
     keep_latencies: bool = False
     """Put every latency sample in the result (for plots); otherwise only the percentiles."""
+    native: str | None = None
+    """The native client's binary (:mod:`loadtests.native`), to run in this one's place: the same streams and
+    figures at a fraction of the CPU. One URL, and streams that expect events (no idle hold)."""
 
     @classmethod
     def from_json(cls, text: str) -> ClientConfig:
@@ -302,6 +307,7 @@ def summarize(config: ClientConfig, totals: Totals, streams: list[SseStream], ti
     short = [s for s in streams if s.received < config.expected]
     result: dict[str, Any] = {
         "state": "done",
+        "client": "python",
         "streams": len(streams),
         "deliveries": deliveries,
         "expected": config.expected * config.streams,
@@ -344,9 +350,32 @@ def heartbeat_figures(streams: list[SseStream], since: float) -> dict[str, Any]:
     }
 
 
+def run_native(config: ClientConfig) -> NoReturn:
+    """Become the native client (``exec``: same process, same core, same stdout), given this client's requests."""
+    assert config.native is not None
+    if len(config.urls) != 1 or not config.expected or config.hold_seconds:
+        raise ValueError("the native client follows one URL, with events expected")
+    tokens = {subject: mint_token(config.secret, subject, ["sessions:read", "tasks:write", "sessions:write"], 86400)
+              for subject in set(config.subjects)} if config.secret else {}
+    url = config.urls[0]
+    with tempfile.NamedTemporaryFile("wb", prefix="sseclient-", suffix=".requests", delete=False) as file:
+        for index in range(config.streams):
+            session = index % len(config.session_ids)
+            request = request_bytes(url, config.path, config.session_ids[session], tokens.get(config.subjects[session]))
+            file.write(b"%d\n%b" % (len(request), request))
+    parts = urlsplit(url)
+    arguments = [parts.hostname or "127.0.0.1", str(parts.port or 80), str(config.streams), str(config.expected),
+                 str(config.connect_timeout), str(config.run_timeout), str(config.connect_concurrency),
+                 "1" if config.keep_latencies else "0", file.name]
+    sys.stdout.flush()
+    os.execv(config.native, [config.native, *arguments])  # noqa: S606 - our own binary, arguments as a list
+
+
 def main() -> None:
     config = ClientConfig.from_json(sys.argv[1])
     try:
+        if config.native is not None:
+            run_native(config)
         result = uvloop.run(run(config))
     except Exception as exc:  # the parent reads one line either way
         emit({"state": "failed", "error": f"{type(exc).__name__}: {exc}"})

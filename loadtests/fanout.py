@@ -4,10 +4,11 @@ the service, measured side by side in one run.
     .venv/bin/python -m loadtests.fanout                      # 1,000 streams over 100 sessions, 100,000 deliveries
     .venv/bin/python -m loadtests.fanout --sweep 100,500,1000,2000,5000 --json sweep.json   # for the plot
 
-Each server runs in its own process pinned to one core, the client in another pinned to the other core; the
-servers take turns, ``--repeat`` times, and each figure is the median of its turns. It prints the table with the
-ratios and exits 1 when a target is missed: the service at least 70 % of the bare reference's deliveries/s and
-3x the hub's, p99 delivery latency under 10 ms, no event lost.
+Each server runs in its own process pinned to one core, the load client in another pinned to the other core (the
+native client, ``loadtests/native``, unless ``--client python``: see loadtests/README.md); the servers take turns,
+``--repeat`` times, and each figure is the median of its turns. It prints the table with the ratios and exits 1
+when a target is missed: the service at least 70 % of the bare reference's deliveries/s and 3x the hub's, p99
+delivery latency under 10 ms, no event lost.
 
 Two phases. First each server takes events as fast as it can deliver them (its capacity: the deliveries/s ratios
 are measured here). Then the producer keeps to a schedule at 70 % of the bare reference's measured rate, the same
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loadtests import native as native_client
 from loadtests.client import ClientConfig
 from loadtests.common import (
     CLIENT_CPU,
@@ -57,10 +59,12 @@ MAX_P99_MS = 10.0
 
 
 def run_once(kind: str, workload: Workload, folder: Path, *, timeout: float, rate: float | None = None,
-             server_env: dict[str, str] | None = None, profile: Path | None = None) -> dict[str, Any]:
+             server_env: dict[str, str] | None = None, profile: Path | None = None, native: Path | None = None
+             ) -> dict[str, Any]:
     """One server, one client, one burst of events; the client's figures plus the server's CPU time (and, with
     ``profile``, a py-spy profile of the server while it delivers). ``rate``: deliveries per second offered (the
-    producer keeps to it); None: as fast as the server takes them."""
+    producer keeps to it); None: as fast as the server takes them. ``native``: the native client's binary (None: the
+    Python client)."""
     secret = new_secret()
     env = None
     if kind == "service":
@@ -74,7 +78,8 @@ def run_once(kind: str, workload: Workload, folder: Path, *, timeout: float, rat
     config = ClientConfig(
         urls=[], session_ids=sessions, subjects=[subject_of(n) for n in range(workload.sessions)],
         streams=workload.streams, expected=workload.events_per_session,
-        secret=secret if kind == "service" else None, run_timeout=timeout)
+        secret=secret if kind == "service" else None, run_timeout=timeout,
+        native=str(native) if native is not None else None)
     with Child(module(f"loadtests.servers.{kind}"), log=folder / f"{kind}-server.log", env=env,
                cpu=SERVER_CPU) as server:
         port = server.expect("listening", 60)["port"]
@@ -113,7 +118,8 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(workload: Workload, servers: tuple[str, ...], *, repeat: int, timeout: float, keep: bool = False,
-            profile: Path | None = None, rate: float | None = None) -> dict[str, dict[str, Any]]:
+            profile: Path | None = None, rate: float | None = None, native: Path | None = None
+            ) -> dict[str, dict[str, Any]]:
     """Each server in turn, ``repeat`` times; the median of its turns."""
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
     with scratch(keep) as folder:
@@ -121,7 +127,8 @@ def measure(workload: Workload, servers: tuple[str, ...], *, repeat: int, timeou
             for kind in servers:
                 phase = "paced" if rate else "full"
                 recording = profile / f"{kind}-{workload.streams}-{phase}-{turn + 1}.txt" if profile else None
-                result = run_once(kind, workload, folder, timeout=timeout, profile=recording, rate=rate)
+                result = run_once(kind, workload, folder, timeout=timeout, profile=recording, rate=rate,
+                                  native=native)
                 if recording is not None and recording.exists():
                     print(summary(recording, top=30), file=sys.stderr)
                 runs[kind].append(result)
@@ -177,6 +184,18 @@ def checks(saturated: dict[str, dict[str, Any]], paced: dict[str, dict[str, Any]
     return found
 
 
+def load_client(choice: str) -> Path | None:
+    """The native client's binary for ``choice`` "native", built when needed; None for the Python client (chosen,
+    or the native one cannot be built here, which is said)."""
+    if choice != "native":
+        return None
+    try:
+        return native_client.build()
+    except native_client.Unavailable as exc:
+        print(f"the native load client cannot be built ({exc}); the Python one measures instead", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.fanout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                              "measured rate; 0 skips the phase)")
     parser.add_argument("--sweep", default=None, help="stream counts to measure in turn (e.g. 100,1000,5000); "
                                                       "the first phase only, at least 100 events per stream")
+    parser.add_argument("--client", choices=("native", "python"), default="native",
+                        help="the load client: native (loadtests/native, built with the machine's C compiler; the "
+                             "Python one when it cannot be built) or python (loadtests/client.py)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder with the servers' logs")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record each server with py-spy while it delivers, in both phases; raw profiles go "
@@ -198,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.streams]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
+    native = load_client(args.client)
     status = 0
     everything: list[dict[str, Any]] = []
     for streams in counts:
@@ -207,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                             payload_bytes=args.payload_bytes)
         shape = (f"{workload.streams:,} streams over {workload.sessions} sessions, {workload.events_per_session} "
                  f"events of {workload.payload_bytes}-byte payloads per session ({workload.total_deliveries:,} "
-                 f"deliveries); {machine()}")
+                 f"deliveries), {'native' if native else 'Python'} load client; {machine()}")
         saturated = measure(workload, servers, repeat=args.repeat, timeout=args.timeout, keep=args.keep,
-                            profile=args.profile)
+                            profile=args.profile, native=native)
         print_table(f"As fast as each server goes: {shape}", saturated)
         paced: dict[str, dict[str, Any]] | None = None
         offered: float | None = None
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                                      if "bare" in saturated else None)
         if offered:
             paced = measure(workload, servers, repeat=args.repeat, timeout=args.timeout, keep=args.keep,
-                            profile=args.profile, rate=offered)
+                            profile=args.profile, rate=offered, native=native)
             print_table(f"At {offered:,.0f} deliveries/s offered (the producer keeps to a schedule)", paced)
         status |= report(checks(saturated, paced, offered))
         everything.append({"streams": streams, "sessions": workload.sessions, "saturated": saturated,

@@ -94,7 +94,7 @@ async def _follow(log: SqliteEventLog, tally: SentTally, streams: int) -> list[t
             feed = SessionFeed(log, session_id, 0, 1_000)
             writer = socket_writer(_cycle().send)
             assert writer is not None
-            feed.write_through(writer.write, tally.wrote)
+            feed.write_through(writer.write, tally.account)
             followed.append((feed, asyncio.create_task(feed.next())))
     # The replays' reads go through the database thread, a few turns each; nothing to wait on but the feeds.
     while not all(feed.live for feed, _ in followed):  # noqa: ASYNC110
