@@ -23,6 +23,10 @@ class Subscription(Protocol):
     ``close`` the events already pending are still returned.
     """
 
+    last_id: int
+    """The id of the last event the reader has had. The reader sets it as it reads (a replay, ``next_batch``); an
+    event at or below it is never offered (see ``write_through``), and one the offer takes moves it."""
+
     @property
     def close_reason(self) -> str | None: ...
 
@@ -32,6 +36,10 @@ class Subscription(Protocol):
     @property
     def pending(self) -> int:
         """Events received and not yet taken by ``next_batch``."""
+
+    @property
+    def offered(self) -> int:
+        """Events the offer of ``write_through`` took."""
 
     async def ready(self) -> None:
         """Return once every event appended from now on will reach this subscription (at once in-process; a
@@ -43,12 +51,13 @@ class Subscription(Protocol):
         """Call ``callback`` each time half of the buffer is pending (None: stop). A reader that takes its events in
         batches on purpose (a stream pacing its writes under load) then goes on early, before it is cut off."""
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+    def write_through(self, offer: Callable[[bytes], bool] | None,
                       taken: Callable[[StoredEvent, int], None] | None = None) -> None:
-        """While the reader waits in ``next_batch`` with nothing pending, hand each new event to ``offer`` first
-        (from within the publishing call); True: it took the event, which is then not buffered. None: stop. Events
-        reach the reader in order either way. ``taken(event, count)`` hears once per event how many of the
-        subscriptions that share it took the event."""
+        """While the reader waits in ``next_batch`` with nothing pending, hand the SSE frame of each new event above
+        ``last_id`` to ``offer`` first (from within the publishing call); True: it took the event, which is then not
+        buffered, ``last_id`` becomes its id and ``offered`` counts it. None: stop. Events reach the reader in order
+        either way. ``taken(event, count)`` hears once per event how many of the subscriptions that share it took
+        the event."""
 
     def close(self, reason: str = "closed") -> None: ...
 

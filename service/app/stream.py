@@ -70,31 +70,38 @@ class HoldingSink:
         await self._sink.emit(event)
 
 
-def _no_write(frame: bytes) -> bool:
-    return False
-
-
 class SessionFeed:
-    """Iterate to get batches of events; ``close_reason`` says why the feed ended (``slow_client``, ``draining``...)."""
+    """Iterate to get batches of events; ``close_reason`` says why the feed ended (``slow_client``, ``draining``...).
 
-    # Slots: what a delivery written through reads and counts (see _take) sits in the feed itself, not in a dict.
-    __slots__ = ("_after_id", "_log", "_session_id", "_subscription", "_write", "delivered", "last_id", "live",
-                 "place", "released", "replayed")
+    Where the reader stands (:attr:`last_id`) is kept by its subscription, which needs it for every event it
+    offers to the stream's writer: an event written through costs the feed nothing.
+    """
+
+    __slots__ = ("_delivered", "_log", "_session_id", "_subscription", "live", "place", "released", "replayed")
 
     def __init__(self, log: EventLog, session_id: str, after_id: int, buffer_size: int) -> None:
         self._log = log
-        self._write: Callable[[bytes], bool] = _no_write
         self._session_id = session_id
-        self._after_id = after_id
         self._subscription = log.subscribe(session_id, buffer_size)
-        self.last_id = after_id
+        self._subscription.last_id = after_id
         self.replayed = 0
-        self.delivered = 0
+        self._delivered = 0
+        """Live events :meth:`next` gave (those written through are the subscription's ``offered``)."""
         self.released = False
         self.place = ""
         """The stream's place in its subject's quota (set by the session service)."""
         self.live = False
         """True once the stored events are replayed and the feed follows live ones."""
+
+    @property
+    def last_id(self) -> int:
+        """The id of the last event the reader had: where a reconnect resumes."""
+        return self._subscription.last_id
+
+    @property
+    def delivered(self) -> int:
+        """Live events the reader had, from :meth:`next` or written through."""
+        return self._delivered + self._subscription.offered
 
     @property
     def close_reason(self) -> str | None:
@@ -125,17 +132,8 @@ class SessionFeed:
         """While the reader waits for live events, write each new one's frame with ``write`` at once (see
         :meth:`Subscription.write_through`); when it returns True the event counts as delivered, else it waits for
         :meth:`next` as usual. ``written(event, streams)`` hears of the writes once per event, for every feed that
-        shares it. None: stop."""
-        self._write = _no_write if write is None else write
-        self._subscription.write_through(None if write is None else self._take, written)
-
-    def _take(self, event: StoredEvent) -> bool:
-        # An event the replay gave already is left to next(), which skips it (offers come once the feed is live).
-        if event.id <= self.last_id or not self._write(event.frame):
-            return False
-        self.last_id = event.id
-        self.delivered += 1
-        return True
+        shares it. None: stop. (An event the replay gave already is never offered: it is above no ``last_id``.)"""
+        self._subscription.write_through(write, written)
 
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every
@@ -144,24 +142,25 @@ class SessionFeed:
         Once :attr:`live` is true, a call only waits for live events: cancelling it then loses nothing (they stay
         pending for the next call).
         """
+        subscription = self._subscription
         if not self.live:
-            page = await self._log.read_after(self._session_id, self.last_id, REPLAY_PAGE)
+            page = await self._log.read_after(self._session_id, subscription.last_id, REPLAY_PAGE)
             if len(page) < REPLAY_PAGE:
                 self.live = True
             if page:
-                self.last_id = page[-1].id
+                subscription.last_id = page[-1].id
                 self.replayed += len(page)
                 return page
         while True:
-            batch = await self._subscription.next_batch()
+            batch = await subscription.next_batch()
             if not batch:
                 return batch
-            last = self.last_id
+            last = subscription.last_id
             # A live copy of an event the replay already gave is skipped by id.
             fresh = batch if batch[0].id > last else [e for e in batch if e.id > last]
             if fresh:
-                self.last_id = fresh[-1].id
-                self.delivered += len(fresh)
+                subscription.last_id = fresh[-1].id
+                self._delivered += len(fresh)
                 return fresh
 
     async def batches(self) -> AsyncGenerator[list[StoredEvent], None]:

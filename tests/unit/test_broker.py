@@ -18,6 +18,11 @@ def ids(events: list[StoredEvent]) -> list[int]:
     return [event.id for event in events]
 
 
+def frame_id(frame: bytes) -> int:
+    """The id of an event's SSE frame (its first line, ``id: N``)."""
+    return int(frame.split(b"\n", 1)[0].removeprefix(b"id: "))
+
+
 async def test_a_subscriber_gets_only_its_session() -> None:
     broker = MemoryBroker()
     mine = broker.subscribe("s1", 10)
@@ -254,12 +259,12 @@ async def test_what_waiting_readers_take_is_accounted_once_per_event_for_all_of_
 
     account = Account()
 
-    def offer(event: StoredEvent) -> bool:
-        written.append(event.frame)
+    def offer(frame: bytes) -> bool:
+        written.append(frame)
         return True
 
-    def refuse(event: StoredEvent) -> bool:
-        refusing.append(event.id)
+    def refuse(frame: bytes) -> bool:
+        refusing.append(frame_id(frame))
         return False
 
     subscriptions = [broker.subscribe("s1", 10) for _ in range(5)]
@@ -270,7 +275,9 @@ async def test_what_waiting_readers_take_is_accounted_once_per_event_for_all_of_
     broker.publish(stored(1))
     broker.publish(stored(2))
     assert accounts == [(1, 3), (2, 3)], "refused and plain subscriptions are not counted"
-    assert len(written) == 6
+    assert written == [stored(n).frame for n in (1, 1, 1, 2, 2, 2)]
+    assert [(s.last_id, s.offered) for s in subscriptions] == [(2, 2), (2, 2), (2, 2), (0, 0), (0, 0)], \
+        "what an offer took moves the reader's place and counts; the rest is the reader's to take"
     assert refusing == [1], "once it buffered one event, the next waits behind it without an offer"
     for reader in readers[:3]:
         assert not reader.done(), "what the offer took wakes nobody"
@@ -284,8 +291,8 @@ async def test_an_offer_set_while_the_reader_waits_applies_at_once_and_none_once
     subscription = broker.subscribe("s1", 10)
     offered: list[int] = []
 
-    def offer(event: StoredEvent) -> bool:
-        offered.append(event.id)
+    def offer(frame: bytes) -> bool:
+        offered.append(frame_id(frame))
         return True
 
     reader = await parked(subscription)
@@ -297,3 +304,26 @@ async def test_an_offer_set_while_the_reader_waits_applies_at_once_and_none_once
     broker.publish(stored(2))
     assert offered == [1], "a closed subscription is offered nothing"
     assert await reader == []
+
+
+async def test_an_event_at_or_below_the_readers_place_is_buffered_without_an_offer() -> None:
+    broker = MemoryBroker()
+    subscription = broker.subscribe("s1", 10)
+    subscription.last_id = 5  # the reader had up to 5 already (a replay)
+    offered: list[int] = []
+
+    def offer(frame: bytes) -> bool:
+        offered.append(frame_id(frame))
+        return True
+
+    subscription.write_through(offer)
+    reader = await parked(subscription)
+    broker.publish(stored(5))
+    assert offered == [], "a live copy of an event the reader had is not written again"
+    assert ids(await reader) == [5], "it is buffered, for the reader to skip"
+    reader = await parked(subscription)
+    broker.publish(stored(6))
+    assert offered == [6]
+    assert (subscription.last_id, subscription.offered) == (6, 1)
+    assert not reader.done()
+    reader.cancel()

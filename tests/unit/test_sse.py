@@ -79,10 +79,10 @@ class Source:
         self.subscription.notify_when_filling(callback)
 
     def write_through(self, write: Callable[[bytes], bool]) -> None:
-        def offer(event: StoredEvent) -> bool:
-            if not write(event.frame):
+        def offer(frame: bytes) -> bool:
+            if not write(frame):
                 return False
-            self.writes.append([event.id])
+            self.writes.append([int(frame.split(b"\n", 1)[0].removeprefix(b"id: "))])
             return True
 
         self.subscription.write_through(offer)

@@ -317,8 +317,8 @@ async def test_a_waiting_reader_may_take_each_event_as_it_is_published(backend: 
     offered: list[int] = []
     accept = True
 
-    def offer(event: StoredEvent) -> bool:
-        offered.append(event.id)
+    def offer(frame: bytes) -> bool:
+        offered.append(int(frame.split(b"\n", 1)[0].removeprefix(b"id: ")))
         return accept
 
     subscription.write_through(offer)
@@ -327,6 +327,7 @@ async def test_a_waiting_reader_may_take_each_event_as_it_is_published(backend: 
     taken = [(await backend.log.append(thinking("s1", n))).id for n in range(3)]
     await asyncio.sleep(0.05)  # a replica's reader hands them on a moment later
     assert offered == taken
+    assert (subscription.last_id, subscription.offered) == (taken[-1], 3), "the reader's place moved with them"
     assert subscription.pending == 0
     assert not reading.done(), "events taken by the offer wake nobody"
     accept = False

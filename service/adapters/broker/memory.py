@@ -48,13 +48,16 @@ class BufferedSubscription:
     """
 
     __slots__ = ("_armed", "_buffer_size", "_close_reason", "_closed", "_dropped", "_filling_at", "_offer",
-                 "_on_close", "_on_filling", "_pending", "_taken", "_waiter", "session_id")
+                 "_offered", "_on_close", "_on_filling", "_pending", "_taken", "_waiter", "last_id", "session_id")
 
     def __init__(self, session_id: str, buffer_size: int,
                  on_close: Callable[[BufferedSubscription], None] | None = None) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.session_id = session_id
+        self.last_id = 0
+        """The id of the last event the reader had (it sets it; an offer that takes an event moves it)."""
+        self._offered = 0
         self._buffer_size = buffer_size
         self._on_close = on_close
         # A list, not a deque: the reader takes the whole run at once by swapping lists, so no copy is made, and
@@ -66,9 +69,9 @@ class BufferedSubscription:
         self._dropped = 0
         self._on_filling: Callable[[], None] | None = None
         self._filling_at = max(1, buffer_size // 2)
-        self._offer: Callable[[StoredEvent], bool] | None = None
+        self._offer: Callable[[bytes], bool] | None = None
         self._taken: Callable[[StoredEvent, int], None] | None = None
-        self._armed: Callable[[StoredEvent], bool] | None = None
+        self._armed: Callable[[bytes], bool] | None = None
         """``_offer`` while the reader waits with nothing pending, else None: what ``publish`` looks at."""
 
     @property
@@ -89,6 +92,11 @@ class BufferedSubscription:
     def pending(self) -> int:
         """Events waiting for the reader."""
         return len(self._pending)
+
+    @property
+    def offered(self) -> int:
+        """Events the offer took (see :meth:`write_through`)."""
+        return self._offered
 
     async def ready(self) -> None:
         """In-process delivery starts at ``subscribe``: nothing to wait for."""
@@ -111,11 +119,13 @@ class BufferedSubscription:
         """Call ``callback`` each time half of the buffer is pending (None: stop)."""
         self._on_filling = callback
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+    def write_through(self, offer: Callable[[bytes], bool] | None,
                       taken: Callable[[StoredEvent, int], None] | None = None) -> None:
-        """While the reader waits in :meth:`next_batch` with nothing pending, hand each new event to ``offer``
-        first, from within ``publish``; it returns True when it took the event (which then is not buffered, and
-        wakes nobody), False to have it buffered as usual. None: stop.
+        """While the reader waits in :meth:`next_batch` with nothing pending, hand the frame of each new event
+        whose id is above :attr:`last_id` to ``offer`` first, from within ``publish``; it returns True when it took
+        the event (which then is not buffered, and wakes nobody: ``last_id`` becomes its id and :attr:`offered`
+        counts it), False to have it buffered as usual. None: stop. An event at or below ``last_id`` (a live copy of
+        one a replay gave already) is buffered without an offer, for the reader to skip.
 
         ``taken``, when given, hears of what ``offer`` took once per event for all the subscriptions that share it:
         ``taken(event, count)``, once ``publish`` has offered the event to every subscription of its session. It is
@@ -181,18 +191,25 @@ class MemoryBroker:
     def __init__(self) -> None:
         # A dict per session keeps subscription order (deterministic delivery order) with O(1) removal.
         self._by_session: dict[str, dict[BufferedSubscription, None]] = {}
+        self._walks: dict[str, tuple[BufferedSubscription, ...]] = {}
+        """Each session's subscriptions as a tuple, made again when one comes or goes: what ``publish`` walks, once
+        per event, is then a compact array (and a copy, which the walk may outlive)."""
 
     def publish(self, event: StoredEvent) -> None:
         """Hand ``event`` to every open subscription of ``event.session_id``."""
-        subscribers = self._by_session.get(event.session_id)
+        subscribers = self._walks.get(event.session_id)
         if not subscribers:
             return
         overflowed: list[BufferedSubscription] | None = None
         account: Callable[[StoredEvent, int], None] | None = None
         taken = 0
+        event_id, frame = event.id, event.frame
         for subscription in subscribers:
             offer = subscription._armed
-            if offer is not None and offer(event):
+            if offer is not None and event_id > subscription.last_id and offer(frame):
+                # The reader's own account, kept here: an offer costs one call, to the writer itself.
+                subscription.last_id = event_id
+                subscription._offered += 1
                 # What was written through is accounted for once per event (every stream shares one account).
                 taker = subscription._taken
                 if taker is account or taker == account:
@@ -203,7 +220,7 @@ class MemoryBroker:
                     account, taken = taker, 1
                 continue
             if not subscription._deliver(event):
-                # Removed after the loop: the dict must not change while it is being iterated.
+                # Removed after the walk, which each removal would copy again.
                 if overflowed is None:
                     overflowed = []
                 overflowed.append(subscription)
@@ -216,18 +233,21 @@ class MemoryBroker:
     def subscribe(self, session_id: str, buffer_size: int) -> BufferedSubscription:
         """A new subscription to the events of ``session_id`` published from now on."""
         subscription = BufferedSubscription(session_id, buffer_size, self._remove)
-        self._by_session.setdefault(session_id, {})[subscription] = None
+        subscribers = self._by_session.setdefault(session_id, {})
+        subscribers[subscription] = None
+        self._walks[session_id] = tuple(subscribers)
         return subscription
 
     def close_all(self, reason: str) -> None:
         """Close every open subscription with ``reason``; their readers drain what is pending, then end."""
-        by_session, self._by_session = self._by_session, {}
+        by_session, self._by_session, self._walks = self._by_session, {}, {}
         for subscribers in by_session.values():
             for subscription in subscribers:
                 subscription.close(reason)
 
     def close_session(self, session_id: str, reason: str) -> None:
         """Close every subscription of one session (it was deleted: its id may be claimed anew by anyone)."""
+        self._walks.pop(session_id, None)
         for subscription in list(self._by_session.pop(session_id, {})):
             subscription.close(reason)
 
@@ -241,6 +261,9 @@ class MemoryBroker:
         subscribers = self._by_session.get(subscription.session_id)
         if subscribers is None:
             return
-        subscribers.pop(subscription, None)
-        if not subscribers:
-            del self._by_session[subscription.session_id]
+        if subscribers.pop(subscription, False) is False:
+            return
+        if subscribers:
+            self._walks[subscription.session_id] = tuple(subscribers)
+        else:
+            del self._by_session[subscription.session_id], self._walks[subscription.session_id]

@@ -76,6 +76,18 @@ class FollowedSubscription:
         self._registration = registration
 
     @property
+    def last_id(self) -> int:
+        return self._subscription.last_id
+
+    @last_id.setter
+    def last_id(self, value: int) -> None:
+        self._subscription.last_id = value
+
+    @property
+    def offered(self) -> int:
+        return self._subscription.offered
+
+    @property
     def close_reason(self) -> str | None:
         return self._subscription.close_reason
 
@@ -99,7 +111,7 @@ class FollowedSubscription:
     def notify_when_filling(self, callback: Callable[[], None] | None) -> None:
         self._subscription.notify_when_filling(callback)
 
-    def write_through(self, offer: Callable[[StoredEvent], bool] | None,
+    def write_through(self, offer: Callable[[bytes], bool] | None,
                       taken: Callable[[StoredEvent, int], None] | None = None) -> None:
         self._subscription.write_through(offer, taken)
 
