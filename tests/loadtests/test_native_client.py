@@ -129,12 +129,12 @@ async def running(server: FramingServer) -> AsyncIterator[str]:
         await asyncio.gather(producer, *server.tasks, return_exceptions=True)
 
 
-async def run_client(url: str, *, use_native: bool, streams: int = STREAMS, events: int = EVENTS
-                     ) -> list[dict[str, Any]]:
+async def run_client(url: str, *, use_native: bool, streams: int = STREAMS, events: int = EVENTS,
+                     run_timeout: float = 30) -> list[dict[str, Any]]:
     """``python -m loadtests.client`` against ``url``, as the benchmarks run it; every JSON line it printed."""
     sessions = [f"s{n}" for n in range(4)]
     config = ClientConfig(urls=[url], session_ids=sessions, subjects=[f"u{n}" for n in range(4)], streams=streams,
-                          expected=events, run_timeout=30, connect_timeout=30, keep_latencies=True,
+                          expected=events, run_timeout=run_timeout, connect_timeout=30, keep_latencies=True,
                           native=str(native.build()) if use_native else None)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtests.client", json.dumps(asdict(config)), cwd=ROOT,
@@ -193,16 +193,8 @@ async def test_a_missing_event_is_a_gap_on_every_stream() -> None:
 
 
 async def test_streams_that_end_early_are_short_and_the_run_ends_at_its_time_limit() -> None:
-    server = FramingServer("bare", events=EVENTS // 2)
-    async with running(server) as url:
-        sessions = ["s0"]
-        config = ClientConfig(urls=[url], session_ids=sessions, subjects=["u0"], streams=STREAMS, expected=EVENTS,
-                              run_timeout=1, native=str(native.build()))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "loadtests.client", json.dumps(asdict(config)), cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE)
-        out, _ = await asyncio.wait_for(process.communicate(), 60)
-    done = json.loads(out.decode().splitlines()[-1])
+    async with running(FramingServer("bare", events=EVENTS // 2)) as url:
+        done = (await run_client(url, use_native=True, run_timeout=1))[-1]
     assert done["timed_out"]
     assert done["deliveries"] == STREAMS * (EVENTS // 2)
     assert done["short_streams"] == STREAMS
