@@ -162,7 +162,18 @@ class SocketWriter:
 def socket_writer(send: Send) -> SocketWriter | None:
     """For the server's own ``send`` of a response whose head went out with chunked framing: a writer of body
     chunks straight to the connection, whose ``write`` returns False, writing nothing, when it cannot right now (the
-    socket takes no more bytes, the connection is closing). None for any other server.
+    socket takes no more bytes, the connection is closing, the writer has ended). None for any other server.
+
+    This is what the server's ``send`` does for a body chunk that need not wait, without a coroutine, a message
+    dict or the checks of a head. The first frame of a turn of the event loop goes out at once; the next ones in the
+    same turn (an engine often emits a few events for a session in one turn) are held and go out together at the
+    end of the turn, in one system call, which also wakes the client once. A held frame counts as written: it goes
+    out even if the socket fills up meanwhile (a turn's frames are few; see ``LogSink``'s burst), and is dropped
+    only with the connection.
+
+    It knows uvicorn's httptools protocol (the one ``alex-server serve`` runs), and only its request cycle's
+    ``transport``, ``flow``, ``chunked_encoding``, ``disconnected`` and ``response_complete`` (the last two when it
+    flushes); ``tests/unit/test_sse.py`` holds it to the real class.
     """
     cycle: Any = getattr(send, "__self__", None)
     if type(cycle).__module__ != _HTTPTOOLS_CYCLE or getattr(cycle, "chunked_encoding", None) is not True:

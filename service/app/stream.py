@@ -132,7 +132,7 @@ class SessionFeed:
         """While the reader waits for live events, write each new one's frame with ``write`` at once (see
         :meth:`Subscription.write_through`); when it returns True the event counts as delivered, else it waits for
         :meth:`next` as usual. ``written(event, streams)`` hears of the writes once per event, for every feed that
-        shares it. None: stop. (An event the replay gave already is never offered: it is above no ``last_id``.)"""
+        shares it. None: stop. (An event the replay gave already is not offered: its id is not above ``last_id``.)"""
         self._subscription.write_through(write, written)
 
     async def next(self) -> list[StoredEvent]:

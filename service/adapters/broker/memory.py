@@ -261,8 +261,9 @@ class MemoryBroker:
         subscribers = self._by_session.get(subscription.session_id)
         if subscribers is None:
             return
-        if subscribers.pop(subscription, False) is False:
+        if subscription not in subscribers:
             return
+        del subscribers[subscription]
         if subscribers:
             self._walks[subscription.session_id] = tuple(subscribers)
         else:
