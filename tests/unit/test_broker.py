@@ -272,10 +272,11 @@ async def test_what_waiting_readers_take_is_accounted_once_per_event_for_all_of_
         subscription.write_through(offer, account.taken)  # a bound method made anew each time: equal, not the same
     subscriptions[3].write_through(refuse, account.taken)
     readers = [await parked(subscription) for subscription in subscriptions]
-    broker.publish(stored(1))
-    broker.publish(stored(2))
+    first, second = stored(1), stored(2)
+    broker.publish(first)
+    broker.publish(second)
     assert accounts == [(1, 3), (2, 3)], "refused and plain subscriptions are not counted"
-    assert written == [stored(n).frame for n in (1, 1, 1, 2, 2, 2)]
+    assert written == [first.frame] * 3 + [second.frame] * 3
     assert [(s.last_id, s.offered) for s in subscriptions] == [(2, 2), (2, 2), (2, 2), (0, 0), (0, 0)], \
         "what an offer took moves the reader's place and counts; the rest is the reader's to take"
     assert refusing == [1], "once it buffered one event, the next waits behind it without an offer"
