@@ -215,6 +215,19 @@ def _factory(stream: SseStream) -> Callable[[], SseStream]:
     return lambda: stream
 
 
+def stream_requests(config: ClientConfig) -> list[bytes]:
+    """The request of each stream: stream ``n`` follows session ``n % sessions`` on URL ``n % urls``, with a token
+    of that session's subject when the config has a secret."""
+    tokens = {subject: mint_token(config.secret, subject, ["sessions:read", "tasks:write", "sessions:write"], 86400)
+              for subject in set(config.subjects)} if config.secret else {}
+    requests = []
+    for index in range(config.streams):
+        session = index % len(config.session_ids)
+        requests.append(request_bytes(config.urls[index % len(config.urls)], config.path,
+                                      config.session_ids[session], tokens.get(config.subjects[session])))
+    return requests
+
+
 def request_bytes(url: str, path: str, session_id: str, token: str | None) -> bytes:
     parts = urlsplit(url)
     lines = [f"GET {path}?session_id={session_id} HTTP/1.1", f"Host: {parts.netloc}", "Accept: text/event-stream",
@@ -245,17 +258,13 @@ async def run(config: ClientConfig) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     totals = Totals()
     done = asyncio.Event()
-    tokens = {subject: mint_token(config.secret, subject, ["sessions:read", "tasks:write", "sessions:write"], 86400)
-              for subject in set(config.subjects)} if config.secret else {}
+    requests = stream_requests(config)
     streams: list[SseStream] = []
     limit = asyncio.Semaphore(config.connect_concurrency)
 
     async def open_one(index: int) -> None:
-        url = config.urls[index % len(config.urls)]
-        session = index % len(config.session_ids)
-        parts = urlsplit(url)
-        request = request_bytes(url, config.path, config.session_ids[session],
-                                tokens.get(config.subjects[session]))
+        parts = urlsplit(config.urls[index % len(config.urls)])
+        request = requests[index]
         async with limit:
             for attempt in range(5):
                 connected: asyncio.Future[None] = loop.create_future()
@@ -355,15 +364,10 @@ def run_native(config: ClientConfig) -> NoReturn:
     assert config.native is not None
     if len(config.urls) != 1 or not config.expected or config.hold_seconds:
         raise ValueError("the native client follows one URL, with events expected")
-    tokens = {subject: mint_token(config.secret, subject, ["sessions:read", "tasks:write", "sessions:write"], 86400)
-              for subject in set(config.subjects)} if config.secret else {}
-    url = config.urls[0]
     with tempfile.NamedTemporaryFile("wb", prefix="sseclient-", suffix=".requests", delete=False) as file:
-        for index in range(config.streams):
-            session = index % len(config.session_ids)
-            request = request_bytes(url, config.path, config.session_ids[session], tokens.get(config.subjects[session]))
+        for request in stream_requests(config):
             file.write(b"%d\n%b" % (len(request), request))
-    parts = urlsplit(url)
+    parts = urlsplit(config.urls[0])
     arguments = [parts.hostname or "127.0.0.1", str(parts.port or 80), str(config.streams), str(config.expected),
                  str(config.connect_timeout), str(config.run_timeout), str(config.connect_concurrency),
                  "1" if config.keep_latencies else "0", file.name]

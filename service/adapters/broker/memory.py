@@ -189,15 +189,14 @@ class MemoryBroker:
     """
 
     def __init__(self) -> None:
-        # A dict per session keeps subscription order (deterministic delivery order) with O(1) removal.
-        self._by_session: dict[str, dict[BufferedSubscription, None]] = {}
-        self._walks: dict[str, tuple[BufferedSubscription, ...]] = {}
-        """Each session's subscriptions as a tuple, made again when one comes or goes: what ``publish`` walks, once
-        per event, is then a compact array (and a copy, which the walk may outlive)."""
+        self._by_session: dict[str, tuple[BufferedSubscription, ...]] = {}
+        """Each session's subscriptions, in the order they came (the order of delivery), as a tuple made again when
+        one comes or goes: what ``publish`` walks once per event is a compact array, and a copy the walk may
+        outlive."""
 
     def publish(self, event: StoredEvent) -> None:
         """Hand ``event`` to every open subscription of ``event.session_id``."""
-        subscribers = self._walks.get(event.session_id)
+        subscribers = self._by_session.get(event.session_id)
         if not subscribers:
             return
         overflowed: list[BufferedSubscription] | None = None
@@ -233,22 +232,19 @@ class MemoryBroker:
     def subscribe(self, session_id: str, buffer_size: int) -> BufferedSubscription:
         """A new subscription to the events of ``session_id`` published from now on."""
         subscription = BufferedSubscription(session_id, buffer_size, self._remove)
-        subscribers = self._by_session.setdefault(session_id, {})
-        subscribers[subscription] = None
-        self._walks[session_id] = tuple(subscribers)
+        self._by_session[session_id] = (*self._by_session.get(session_id, ()), subscription)
         return subscription
 
     def close_all(self, reason: str) -> None:
         """Close every open subscription with ``reason``; their readers drain what is pending, then end."""
-        by_session, self._by_session, self._walks = self._by_session, {}, {}
+        by_session, self._by_session = self._by_session, {}
         for subscribers in by_session.values():
             for subscription in subscribers:
                 subscription.close(reason)
 
     def close_session(self, session_id: str, reason: str) -> None:
         """Close every subscription of one session (it was deleted: its id may be claimed anew by anyone)."""
-        self._walks.pop(session_id, None)
-        for subscription in list(self._by_session.pop(session_id, {})):
+        for subscription in self._by_session.pop(session_id, ()):
             subscription.close(reason)
 
     def subscriber_count(self, session_id: str | None = None) -> int:
@@ -258,13 +254,12 @@ class MemoryBroker:
         return sum(len(subscribers) for subscribers in self._by_session.values())
 
     def _remove(self, subscription: BufferedSubscription) -> None:
-        subscribers = self._by_session.get(subscription.session_id)
-        if subscribers is None:
-            return
+        session_id = subscription.session_id
+        subscribers = self._by_session.get(session_id, ())
         if subscription not in subscribers:
             return
-        del subscribers[subscription]
-        if subscribers:
-            self._walks[subscription.session_id] = tuple(subscribers)
+        rest = tuple(other for other in subscribers if other is not subscription)
+        if rest:
+            self._by_session[session_id] = rest
         else:
-            del self._by_session[subscription.session_id], self._walks[subscription.session_id]
+            del self._by_session[session_id]
