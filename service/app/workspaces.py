@@ -10,8 +10,15 @@ from service.domain.models import is_valid_session_id
 
 
 class Workspaces:
+    """The sessions' workspace folders below ``root``, each named by its session id.
+
+    The root's real path is found once, here; a session's folder is that path and the id, a single checked
+    segment, so :meth:`path` reads nothing from the disk and gives the real path the tools expect
+    (:class:`service.domain.tools.ToolContext`). The service makes these folders and never moves them.
+    """
+
     def __init__(self, root: Path) -> None:
-        self._root = root
+        self._root = root.resolve()
 
     @property
     def root(self) -> Path:
@@ -20,10 +27,7 @@ class Workspaces:
     def path(self, session_id: str) -> Path:
         if not is_valid_session_id(session_id):
             raise ValueError(f"invalid session id {session_id!r}")
-        path = (self._root / session_id).resolve()
-        if path.parent != self._root.resolve():
-            raise ValueError(f"invalid session id {session_id!r}")
-        return path
+        return self._root / session_id
 
     async def ensure(self, session_id: str) -> Path:
         path = self.path(session_id)

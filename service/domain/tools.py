@@ -28,7 +28,8 @@ class TodoList(Protocol):
 class ToolContext:
     """What a tool may use while it runs: its session's workspace folder, its todo list, and a way to stream output.
 
-    ``stream`` sends one chunk of output to the session's clients as a ``tool_call_stream`` event.
+    ``workspace`` is the folder's real path (absolute, no symbolic link on the way), so tools need not resolve
+    it again. ``stream`` sends one chunk of output to the session's clients as a ``tool_call_stream`` event.
     """
 
     session_id: str

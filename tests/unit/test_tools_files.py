@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,15 +74,39 @@ def test_a_symlink_loop_is_refused(workspace: Path) -> None:
 
 
 @pytest.mark.parametrize("relative", [".", "./", "a.txt", "src//b.py", "alias/f.txt", "new/dir/c.txt"])
-def test_locate_is_resolve_and_relative_together(workspace: Path, tmp_path: Path, relative: str) -> None:
+def test_locate_is_resolve_and_relative_together(workspace: Path, relative: str) -> None:
     (workspace / "real").mkdir()
     (workspace / "alias").symlink_to("real")
+    located = locate(workspace, relative)
+    assert located.path == resolve_in_workspace(workspace, relative)
+    assert located.shown == workspace_relative(workspace, located.path)
+    assert located.root == workspace
+
+
+def test_locate_takes_the_workspace_as_given_and_reads_nothing_above_it(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (workspace / "a.txt").write_text("x")
+    looked_at: list[str] = []
+    real_lstat = os.lstat
+
+    def lstat(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        looked_at.append(os.fspath(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    assert locate(workspace, ".").path == workspace
+    assert looked_at == []  # the workspace itself: nothing read
+    assert locate(workspace, "a.txt").path == workspace / "a.txt"
+
+
+def test_locate_through_a_linked_workspace_fails_safe(workspace: Path, tmp_path: Path) -> None:
+    """A workspace path that is not real (the tools are always given the real one) refuses what lies below it."""
+    (workspace / "a.txt").write_text("x")
     (tmp_path / "elsewhere").symlink_to(workspace, target_is_directory=True)
-    for folder in (workspace, tmp_path / "elsewhere"):  # also a workspace reached through a link
-        located = locate(folder, relative)
-        assert located.path == resolve_in_workspace(folder, relative)
-        assert located.shown == workspace_relative(folder, located.path)
-        assert located.root == workspace.resolve()
+    assert locate(tmp_path / "elsewhere", ".").path == tmp_path / "elsewhere"
+    with pytest.raises(ToolError, match="outside the workspace"):
+        locate(tmp_path / "elsewhere", "a.txt")
 
 
 def test_locate_refuses_what_resolve_refuses(workspace: Path) -> None:
@@ -239,3 +266,27 @@ async def test_bad_arguments_are_refused_by_the_registry(
     registry = ToolRegistry([FileReadTool(4096), FileWriteTool(), FileEditTool()])
     with pytest.raises(ToolError, match=problem):
         await registry.run(name, arguments, make_context(workspace))
+
+
+
+async def test_each_file_tool_call_is_one_hand_off_to_a_thread(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path check runs in the same thread call as the file's own work: one wake-up of a thread a call."""
+    hand_offs: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hand_offs.append(fn.__name__)
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    (workspace / "out").symlink_to("/")
+    context = make_context(workspace)
+    assert await FileWriteTool().run({"path": "d/a.txt", "content": "one two"}, context) == "wrote 7 bytes to d/a.txt"
+    edited = await FileEditTool().run({"path": "d/a.txt", "old_string": "two", "new_string": "2"}, context)
+    assert edited == "replaced 1 occurrence in d/a.txt"
+    assert await FileReadTool(4096).run({"path": "d/a.txt"}, context) == "one 2"
+    with pytest.raises(ToolError, match="leads outside"):
+        await FileReadTool(4096).run({"path": "out/etc/passwd"}, context)
+    assert len(hand_offs) == 4

@@ -201,8 +201,9 @@ class BashTool:
 
 
 def _prepare(workspace: Path, sandbox: Sandbox | None) -> Path:
-    """The workspace's real path, once it and its temporary folder exist (and belong to the sandbox's user)."""
-    root = workspace.resolve()
+    """The workspace (its real path, as the tool's context holds it), once it and its temporary folder exist (and
+    belong to the sandbox's user)."""
+    root = workspace
     (root / _TMP_FOLDER).mkdir(parents=True, exist_ok=True)
     if sandbox is not None:
         sandbox.give(root)

@@ -1,7 +1,8 @@
 """The file tools: read, write and edit UTF-8 text files in the workspace.
 
-Every path goes through :func:`locate_in_workspace`; the disk work runs in a thread so the event loop never
-waits on it. Files are handled as bytes, so line endings are kept exactly as they are.
+Every path goes through :func:`locate`; each call's disk work, the path check included, runs in a thread (one
+hand-off a call), so the event loop never waits on it. Files are handled as bytes, so line endings are kept
+exactly as they are.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from service.adapters.tools.workspace import locate_in_workspace
+from service.adapters.tools.workspace import locate
 from service.domain.tools import ToolContext, ToolError
 
 # A NUL byte in the first block marks a binary file, as git and grep decide.
@@ -73,15 +74,10 @@ class FileReadTool:
         )
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         offset = int(arguments.get("offset", 1))
         limit = arguments.get("limit")
-        try:
-            return await asyncio.to_thread(
-                _read_lines, path, shown, offset, None if limit is None else int(limit), self._limit
-            )
-        except OSError as exc:
-            raise ToolError(f"cannot read {shown}: {exc.strerror or exc}") from None
+        return await asyncio.to_thread(_read, context.workspace, str(arguments["path"]), offset,
+                                       None if limit is None else int(limit), self._limit)
 
 
 class FileWriteTool:
@@ -99,9 +95,8 @@ class FileWriteTool:
         self._give = give
 
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
-        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         data = str(arguments["content"]).encode("utf-8")
-        await asyncio.to_thread(_write, path, shown, data, self._give)
+        shown = await asyncio.to_thread(_write, context.workspace, str(arguments["path"]), data, self._give)
         return f"wrote {len(data)} bytes to {shown}"
 
 
@@ -127,13 +122,18 @@ class FileEditTool:
             raise ToolError("old_string is empty; to write a whole file use file_write")
         if old == new:
             raise ToolError("old_string and new_string are the same; there is nothing to change")
-        path, shown = await locate_in_workspace(context.workspace, str(arguments["path"]))
         replace_all = bool(arguments.get("replace_all", False))
-        try:
-            count = await asyncio.to_thread(_edit, path, shown, old, new, replace_all)
-        except OSError as exc:
-            raise ToolError(f"cannot edit {shown}: {exc.strerror or exc}") from None
+        shown, count = await asyncio.to_thread(_edit, context.workspace, str(arguments["path"]), old, new,
+                                               replace_all)
         return f"replaced {count} occurrence{'s' if count != 1 else ''} in {shown}"
+
+
+def _read(workspace: Path, relative: str, offset: int, limit: int | None, max_bytes: int) -> str:
+    located = locate(workspace, relative)
+    try:
+        return _read_lines(located.path, located.shown, offset, limit, max_bytes)
+    except OSError as exc:
+        raise ToolError(f"cannot read {located.shown}: {exc.strerror or exc}") from None
 
 
 def _read_lines(path: Path, shown: str, offset: int, limit: int | None, max_bytes: int) -> str:
@@ -171,7 +171,10 @@ def _read_lines(path: Path, shown: str, offset: int, limit: int | None, max_byte
     return text
 
 
-def _write(path: Path, shown: str, data: bytes, give: Callable[[Path], None] | None = None) -> None:
+def _write(workspace: Path, relative: str, data: bytes, give: Callable[[Path], None] | None) -> str:
+    """Write ``data`` to the file; returns how the model names it."""
+    located = locate(workspace, relative)
+    path, shown = located.path, located.shown
     if path.is_dir():
         raise ToolError(f"{shown} is a directory")
     try:
@@ -183,9 +186,19 @@ def _write(path: Path, shown: str, data: bytes, give: Callable[[Path], None] | N
                 give(created)
     except OSError as exc:
         raise ToolError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    return shown
 
 
-def _edit(path: Path, shown: str, old: str, new: str, replace_all: bool) -> int:
+def _edit(workspace: Path, relative: str, old: str, new: str, replace_all: bool) -> tuple[str, int]:
+    """Replace ``old`` with ``new`` in the file; returns how the model names it and how many were replaced."""
+    located = locate(workspace, relative)
+    try:
+        return located.shown, _replace(located.path, located.shown, old, new, replace_all)
+    except OSError as exc:
+        raise ToolError(f"cannot edit {located.shown}: {exc.strerror or exc}") from None
+
+
+def _replace(path: Path, shown: str, old: str, new: str, replace_all: bool) -> int:
     _check_file(path, shown)
     data = path.read_bytes()
     if b"\x00" in data[:_BINARY_SNIFF_BYTES]:

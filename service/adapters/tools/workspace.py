@@ -7,7 +7,6 @@ re-pointed by a command before it is used.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -22,11 +21,12 @@ def resolve_in_workspace(workspace: Path, relative: str) -> Path:
     parent for a file not yet created) is outside the workspace. The path need not exist. The result is
     absolute with every symbolic link resolved, so it can be shown with :func:`workspace_relative`.
     """
-    return _resolve(workspace, relative)[1]
+    return _resolve(workspace.resolve(), relative)[1]
 
 
-def _resolve(workspace: Path, relative: str) -> tuple[Path, Path]:
-    """The workspace's real path and that of ``relative`` in it (see :func:`resolve_in_workspace`)."""
+def _resolve(root: Path, relative: str) -> tuple[Path, Path]:
+    """``root`` (the workspace's real path) and the real path of ``relative`` in it (see
+    :func:`resolve_in_workspace`)."""
     if not relative.strip():
         raise ToolError("the path is empty; use '.' for the workspace itself")
     if "\x00" in relative:
@@ -37,7 +37,6 @@ def _resolve(workspace: Path, relative: str) -> tuple[Path, Path]:
     if ".." in candidate.parts:
         raise ToolError(f"{relative!r} contains '..'; paths must stay inside the workspace")
     try:
-        root = workspace.resolve()
         # resolve() follows every link that exists along the way, dangling ones included, and keeps the
         # not-yet-existing rest as written: that is the parent-chain check for files about to be created.
         # "." is the workspace itself, whose real path is already known.
@@ -68,15 +67,14 @@ class Located:
 
 
 def locate(workspace: Path, relative: str) -> Located:
-    """:func:`resolve_in_workspace` and :func:`workspace_relative` together, resolving the workspace once.
+    """:func:`resolve_in_workspace` and :func:`workspace_relative` together, for a workspace given by its real path.
+
+    ``workspace`` must be the real path (absolute, no symbolic link on the way), as :class:`ToolContext` holds it:
+    it is used as it is, not resolved again. Resolving it would read every folder on its way, and in a thread each
+    of those reads hands the GIL back and forth with a busy event loop. A workspace path that is not real fails
+    safe: what the model names below it resolves to a real path that is not below it, refused as leading outside.
 
     It reads the disk: call it from a thread, as part of the tool's own work there (one hand-off, not two).
     """
     root, path = _resolve(workspace, relative)
     return Located(path, path.relative_to(root).as_posix() or ".", root)
-
-
-async def locate_in_workspace(workspace: Path, relative: str) -> tuple[Path, str]:
-    """:func:`locate` run in a thread: resolving a path reads the disk, which the event loop must not wait on."""
-    located = await asyncio.to_thread(locate, workspace, relative)
-    return located.path, located.shown
