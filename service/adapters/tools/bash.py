@@ -140,8 +140,9 @@ class BashTool:
     async def run(self, arguments: Mapping[str, Any], context: ToolContext) -> str:
         command = str(arguments["command"])
         timeout = self._timeout_for(arguments.get("timeout_seconds"))
+        workspace = context.workspace
         try:
-            workspace = await asyncio.to_thread(_prepare, context.workspace, self._sandbox)
+            await asyncio.to_thread(_prepare, workspace, self._sandbox)
         except OSError as exc:
             raise ToolError(f"cannot prepare the workspace: {exc.strerror or exc}") from None
         tmp = workspace / _TMP_FOLDER
@@ -200,15 +201,12 @@ class BashTool:
         }
 
 
-def _prepare(workspace: Path, sandbox: Sandbox | None) -> Path:
-    """The workspace (its real path, as the tool's context holds it), once it and its temporary folder exist (and
-    belong to the sandbox's user)."""
-    root = workspace
-    (root / _TMP_FOLDER).mkdir(parents=True, exist_ok=True)
+def _prepare(workspace: Path, sandbox: Sandbox | None) -> None:
+    """Make sure the workspace and its temporary folder exist (and belong to the sandbox's user)."""
+    (workspace / _TMP_FOLDER).mkdir(parents=True, exist_ok=True)
     if sandbox is not None:
-        sandbox.give(root)
-        sandbox.give(root / _TMP_FOLDER)
-    return root
+        sandbox.give(workspace)
+        sandbox.give(workspace / _TMP_FOLDER)
 
 
 async def _wait_for_exit(process: asyncio.subprocess.Process, reader: asyncio.Task[None]) -> None:
