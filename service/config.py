@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     """With Redis: a session's events expire this long after its last event (besides ALEX_EVENT_RETENTION)."""
     redis_outage_buffer_events: int = Field(default=10_000, ge=0)
     """With Redis: events a replica holds for its running tasks while Redis is down; past it those tasks fail."""
+    redis_max_connections: int = Field(default=100, ge=4, le=10_000)
+    """With Redis: connections of this replica's shared pool (two blocking readers have their own); a command that
+    finds them all busy waits for one, up to 5 s, then answers 503."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """How long running tasks may go on after SIGTERM before they are cancelled and stored as interrupted."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -12,6 +12,10 @@ from typing import Any, Protocol
 from service.domain.events import Event, StoredEvent
 from service.domain.models import Session, Task, TaskStatus, Todo
 
+LOG_UNAVAILABLE = "redis_unavailable"
+"""The close reason of a subscription whose session cannot be read or followed for now: the log's store is
+unreachable (only Redis can be), and the reader resumes from its last id later or on another replica."""
+
 
 class Subscription(Protocol):
     """Live events of one session for one reader, through a bounded buffer.

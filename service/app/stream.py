@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable
 
-from service.app.ports import EventLog
+from service.app.ports import LOG_UNAVAILABLE, EventLog
+from service.domain.errors import Unavailable
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
 
 REPLAY_PAGE = 500
@@ -137,14 +138,21 @@ class SessionFeed:
 
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every
-        live one pending (waiting for one); ``[]`` once the feed has ended.
+        live one pending (waiting for one); ``[]`` once the feed has ended, also when the stored events cannot be
+        read for now (``close_reason`` :data:`~service.app.ports.LOG_UNAVAILABLE`).
 
         Once :attr:`live` is true, a call only waits for live events: cancelling it then loses nothing (they stay
         pending for the next call).
         """
         subscription = self._subscription
         if not self.live:
-            page = await self._log.read_after(self._session_id, subscription.last_id, REPLAY_PAGE)
+            try:
+                page = await self._log.read_after(self._session_id, subscription.last_id, REPLAY_PAGE)
+            except Unavailable:
+                # The stored events cannot be read now. Skipping them would leave a hole: the feed ends instead,
+                # and its reader resumes from its last id once they can be read (here or on another replica).
+                subscription.close(LOG_UNAVAILABLE)
+                return []
             if len(page) < REPLAY_PAGE:
                 self.live = True
             if page:

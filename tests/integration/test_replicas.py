@@ -402,6 +402,30 @@ async def test_the_task_of_a_killed_replica_is_marked_interrupted_by_another() -
             kill_leftovers(command)
 
 
+async def test_streams_replaying_at_once_beyond_the_redis_pool_wait_for_it_and_get_everything() -> None:
+    """Fifteen times more streams replay at once than the replica's Redis pool has connections
+    (``ALEX_REDIS_MAX_CONNECTIONS``): they wait for one, and each gets the whole history; none ends early."""
+    who, session_id, marker = subject("burst"), session_name("burst"), secrets.token_hex(6)
+    with (
+        redis_server(persistent=False) as redis,
+        cluster(redis, ("a",), ALEX_REDIS_MAX_CONNECTIONS="4", ALEX_MAX_STREAMS_PER_CLIENT="100") as replicas,
+    ):
+        async with replicas.client("a", who) as http:
+            task_id = await submit(http, "$ " + loop_command(3, 0.01, marker), session_id)
+            assert (await wait_finished(http, task_id))["status"] == "completed"
+            stored = await stored_events(http, session_id)
+
+            async def replay() -> list[dict[str, Any]]:
+                async with open_stream(http, session_id) as stream:
+                    return await take_until_terminal(stream, task_id)
+
+            replays = await asyncio.gather(*(replay() for _ in range(60)))
+    assert stored[-1]["event_type"] == "task_complete"
+    assert steps_seen(stored, marker) == [1, 2, 3]
+    for events in replays:
+        assert events == stored
+
+
 # Redis goes away and comes back
 
 

@@ -21,6 +21,7 @@ from service.adapters.redis.client import ControlBus, connect
 from service.adapters.redis.events import REDIS_UNAVAILABLE, RedisEventLog
 from service.adapters.redis.sessions import RedisSessionStore
 from service.app.ports import Subscription
+from service.app.stream import SessionFeed
 from service.domain.errors import Unavailable
 from service.domain.events import StoredEvent, TaskCancelled, TaskComplete, Thinking
 from tests.redis_server import RedisServer, redis_server
@@ -151,6 +152,29 @@ async def test_past_the_backlog_limit_only_a_tasks_final_event_is_taken(opened: 
     assert stored[0] == first
     assert deltas(stored) == [f"piece {n}" for n in range(BACKLOG_LIMIT + 1)] + ["task_complete", "task_cancelled"]
     assert_increasing(stored)
+
+
+async def test_a_feed_whose_history_cannot_be_read_ends_and_a_resume_later_has_it_all(
+        opened: Opened, server: RedisServer) -> None:
+    log = opened.log
+    stored = [await log.append(thinking(n)) for n in range(3)]
+    feed = SessionFeed(log, "s1", 0, 100)
+    server.stop()
+    # Not an error out of the stream, and no skipping ahead: the feed ends, its reader resumes from its last id.
+    assert await feed.next() == []
+    assert feed.close_reason == REDIS_UNAVAILABLE
+    assert feed.last_id == 0
+
+    server.start()
+    async with asyncio.timeout(10):
+        while True:
+            resumed = SessionFeed(log, "s1", feed.last_id, 100)
+            page = await resumed.next()
+            if page:
+                break
+            await asyncio.sleep(0.05)  # the log's reader has not seen Redis back yet
+    assert page == stored
+    resumed.close()
 
 
 async def test_the_session_store_ping_fails_while_redis_is_down(opened: Opened, server: RedisServer) -> None:

@@ -39,7 +39,7 @@ async def open_redis(settings: Settings, *, interrupted_reason: str) -> RedisBac
     assert settings.redis_url is not None
     replica = replica_name(settings)
     keys = Keys()
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, max_connections=settings.redis_max_connections)
     event_reader = connect(settings.redis_url, blocking=True)
     queue_reader = connect(settings.redis_url, blocking=True)
     bus = ControlBus(redis)

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -40,23 +40,38 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 BLOCK_SECONDS = 5.0
 """The longest a blocking read waits on the server (its socket waits this plus the command timeout)."""
 
+MAX_CONNECTIONS = 100
+"""The shared pool's default size (``ALEX_REDIS_MAX_CONNECTIONS``)."""
 
-def connect(url: str, *, blocking: bool = False) -> Redis:
-    """A client for ``url`` answering text; ``blocking``: one connection of its own for a blocking reader."""
-    return Redis.from_url(
-        url,
-        decode_responses=True,
+POOL_WAIT_SECONDS = COMMAND_TIMEOUT_SECONDS
+"""How long a command waits for a free connection of a full pool before it fails (as Redis being unreachable)."""
+
+
+def connect(url: str, *, blocking: bool = False, max_connections: int = MAX_CONNECTIONS) -> Redis:
+    """A client for ``url`` answering text; ``blocking``: one connection of its own for a blocking reader.
+
+    Otherwise the client's commands share a pool of at most ``max_connections``, and a command that finds them all
+    busy waits for one (up to :data:`POOL_WAIT_SECONDS`). A burst of reads (a thousand streams replaying at once
+    after a deploy) so queues for a moment instead of failing: redis-py's default pool refuses a command outright
+    past 100 connections in use (``MaxConnectionsError``), which would end those streams.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
         # A pooled connection Redis closed (it restarted) fails its next command: retry that on a new one. A reply
         # lost mid-way may so run a write twice; every write here is idempotent but an event's, which then is
         # stored twice under two ids (never one id twice).
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        socket_timeout=COMMAND_TIMEOUT_SECONDS + (BLOCK_SECONDS if blocking else 0.0),
-        health_check_interval=0 if blocking else 10,
-        single_connection_client=blocking,
-        client_name="alex-server",
-    )
+        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=2),
+        "retry_on_error": [redis_errors.ConnectionError, redis_errors.TimeoutError],
+        "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": COMMAND_TIMEOUT_SECONDS + (BLOCK_SECONDS if blocking else 0.0),
+        "health_check_interval": 0 if blocking else 10,
+        "client_name": "alex-server",
+    }
+    if blocking:
+        return Redis.from_url(url, single_connection_client=True, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS,
+                                           **options)
+    return Redis.from_pool(pool)
 
 
 REFUSING = ("OOM", "READONLY", "MASTERDOWN", "LOADING", "NOREPLICAS", "MISCONF")
