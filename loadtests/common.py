@@ -185,6 +185,15 @@ class Check:
     holds: bool
 
 
+def count_losses(result: dict[str, Any]) -> dict[str, Any]:
+    """A stream client's result, with ``lost``: the events its streams should have had and did not get, and
+    ``out_of_order``: arrivals that were not the next of their session's sequence (a repeat, a skip or a swap). An
+    exact run has both at 0. Deliveries alone would not do: a repeated event makes up for a lost one."""
+    result["lost"] = max(0, result["expected"] - result["deliveries"])
+    result["out_of_order"] = result["gaps"]
+    return result
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (it reads as well in a terminal as in RESULTS.md)."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]

@@ -10,7 +10,8 @@ tool calls and thirty events per task, every one of them stored and streamed to 
 1. Throughput. The service runs pinned to one core, as ``alex-server serve`` runs it; the client, pinned to the
    other core, keeps ``--concurrency`` tasks in flight: each opens a stream on a new session, submits a task there,
    reads its events up to ``task_complete``, and starts over. Tasks per second count the tasks that finished in the
-   measured window; afterwards, the events each stream received are checked against the stored ones.
+   measured window. Every task's stream must hold its thirty events, each once and in order; afterwards the
+   first 300 sessions' streamed events are compared with their stored ones, read back through the API.
 2. Own time. A second server, exporting its spans to a collector in this process (OTLP/HTTP), runs ``--sequential``
    tasks one at a time. For each ``iteration`` span, the service's own time is its duration minus the ``chat`` and
    ``execute_tool`` spans within it: what is left is everything but the model and the tools (the events, their
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
+import itertools
 import json
 import re
 import statistics
@@ -160,11 +162,19 @@ async def run_client(plan: ClientPlan) -> dict[str, Any]:
         "task_p99_ms": round(percentile(durations, 0.99) * 1000, 2),
         "not_completed": sum(1 for r in runs if r.terminal != "task_complete"),
         "events_per_task": sorted({len(r.ids) for r in runs}),
+        "not_whole": [r.session_id for r in runs if not streamed_whole(r)][:10],
+        "not_whole_count": sum(1 for r in runs if not streamed_whole(r)),
         "verified": min(len(runs), plan.verify),
         "mismatched": mismatched,
         "errors": errors[:10],
         "error_count": len(errors),
     }
+
+
+def streamed_whole(run: TaskRun) -> bool:
+    """Every task's stream, not only the sessions :func:`verify` reads back: its events, each once, in order."""
+    ids = run.ids
+    return len(ids) == EVENTS_PER_TASK and all(earlier < later for earlier, later in itertools.pairwise(ids))
 
 
 async def verify(http: httpx.AsyncClient, plan: ClientPlan, runs: list[TaskRun]) -> list[str]:
@@ -305,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 f"{throughput['task_p99_ms']} ms"),
         ("server CPU per task", f"{cpu_per_task_ms:.2f} ms"),
         ("tasks not completed, errors", f"{throughput['not_completed']}, {throughput['error_count']}"),
+        ("tasks streamed whole (30 events, ids increasing)",
+         f"{throughput['tasks_run'] - throughput['not_whole_count']} of {throughput['tasks_run']}"),
         ("sessions verified (streamed == stored)", f"{throughput['verified'] - len(throughput['mismatched'])} of "
                                                   f"{throughput['verified']}"),
         ("iterations measured (tasks run one by one)", str(len(own))),
@@ -316,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         Check(f"at least {MIN_TASKS_PER_SECOND:g} tasks/s", f"{throughput['tasks_per_second']:.1f}",
               throughput["tasks_per_second"] >= MIN_TASKS_PER_SECOND),
         Check("every event stored and streamed", f"{len(throughput['mismatched'])} sessions differ, "
+              f"{throughput['not_whole_count']} streams not whole, "
               f"{throughput['not_completed']} tasks unfinished, {throughput['error_count']} errors "
-              f"{throughput['mismatched'][:2] or ''}{throughput['errors'][:2] or ''}",
-              not throughput["mismatched"] and not throughput["not_completed"] and not throughput["error_count"]),
+              f"{throughput['mismatched'][:2] or ''}{throughput['not_whole'][:2] or ''}"
+              f"{throughput['errors'][:2] or ''}",
+              not throughput["mismatched"] and not throughput["not_whole_count"] and not throughput["not_completed"]
+              and not throughput["error_count"]),
         Check(f"own time per iteration p50 < {MAX_OWN_MS_P50:g} ms",
               f"{percentile(own, 0.5):.3f} ms over {len(own)} iterations",
               bool(own) and percentile(own, 0.5) < MAX_OWN_MS_P50),

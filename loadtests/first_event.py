@@ -10,8 +10,8 @@ client, pinned to the other core, opens one stream on each of ``--sessions`` ses
 for the server). For each task the time runs from just before the request is written to the arrival of its
 ``task_analysis`` frame. Exits 1 unless the p99 is under 20 ms with no task refused or lost.
 
-``ALEX_RATE_LIMIT_TASKS`` is raised for the run (a client subject submits more than the default 10 tasks a
-minute); everything else is the default configuration.
+``ALEX_RATE_LIMIT_TASKS`` and ``ALEX_RATE_LIMIT_DEFAULT`` are raised for the run (a client subject submits more
+than the default 10 tasks a minute); everything else is the default configuration.
 """
 
 from __future__ import annotations

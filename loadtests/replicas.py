@@ -29,6 +29,7 @@ from loadtests.client import ClientConfig
 from loadtests.common import (
     Check,
     Child,
+    count_losses,
     data_folder,
     machine,
     module,
@@ -84,8 +85,7 @@ def run_once(setup: str, workload: Workload, folder: Path, *, timeout: float) ->
         servers[0].expect("produced", 60)
     result["setup"] = setup
     result["server_cpu_us"] = round(cpu_used / max(1, result["deliveries"]) * 1e6, 2)
-    result["lost"] = result["expected"] - result["deliveries"] + result["gaps"]
-    return result
+    return count_losses(result)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_once(setup, workload, folder, timeout=args.timeout)
                 runs[setup].append(result)
                 print(f"  turn {turn + 1}/{args.repeat} {setup:9} {result['deliveries_per_second']:>10,.0f} "
-                      f"deliveries/s  p99 {result['p99_ms']:8.2f} ms  lost {result['lost']}", file=sys.stderr,
+                      f"deliveries/s  p99 {result['p99_ms']:8.2f} ms  lost {result['lost']}"
+                      f"  out of order {result['out_of_order']}", file=sys.stderr,
                       flush=True)
     medians = {setup: {key: statistics.median(r[key] for r in results)
                        for key in ("deliveries_per_second", "p50_ms", "p99_ms", "server_cpu_us")}
@@ -112,15 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     base = medians["sqlite-1"]["deliveries_per_second"]
     rows = [[TITLES[setup], f"{m['deliveries_per_second']:,.0f}", f"{m['deliveries_per_second'] / base:.2f}",
              f"{m['p50_ms']:.2f}", f"{m['p99_ms']:.2f}", f"{m['server_cpu_us']:.1f}",
-             max(r["lost"] for r in runs[setup])] for setup, m in medians.items()]
+             max(r["lost"] for r in runs[setup]), max(r["out_of_order"] for r in runs[setup])]
+            for setup, m in medians.items()]
     print(f"{workload.streams} streams over {workload.sessions} sessions, {workload.total_deliveries:,} deliveries "
           f"of {workload.payload_bytes}-byte payloads, median of {args.repeat}; {machine()}")
-    print(table(["setup", "deliveries/s", "ratio", "p50 ms", "p99 ms", "server CPU us/delivery", "lost"], rows))
+    print(table(["setup", "deliveries/s", "ratio", "p50 ms", "p99 ms", "server CPU us/delivery", "lost",
+                 "out of order"], rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine(), "workload": dataclasses.asdict(workload),
                                          "runs": runs}, indent=1, default=str))
-    checks = [Check(f"{setup}: no event lost or repeated", f"lost {max(r['lost'] for r in runs[setup])}",
-                    max(r["lost"] for r in runs[setup]) == 0) for setup in SETUPS]
+    checks = [Check(f"{setup}: no event lost or repeated",
+                    f"lost {max(r['lost'] for r in runs[setup])}, "
+                    f"out of order {max(r['out_of_order'] for r in runs[setup])}, "
+                    f"errors: {[e for r in runs[setup] for e in r['errors']][:2] or 'none'}",
+                    all(r["lost"] == 0 and r["out_of_order"] == 0 and not r["errors"] for r in runs[setup]))
+              for setup in SETUPS]
     return report(checks)
 
 
