@@ -186,9 +186,10 @@ class Check:
 
 
 def count_losses(result: dict[str, Any]) -> dict[str, Any]:
-    """A stream client's result, with ``lost``: the events its streams should have had and did not get, and
+    """A stream client's result, with ``lost``: how many deliveries short of the expected the run was, and
     ``out_of_order``: arrivals that were not the next of their session's sequence (a repeat, a skip or a swap). An
-    exact run has both at 0. Deliveries alone would not do: a repeated event makes up for a lost one."""
+    exact run has both at 0. ``lost`` alone would not do: a repeated event makes up for a lost one there, which
+    ``out_of_order`` then shows."""
     result["lost"] = max(0, result["expected"] - result["deliveries"])
     result["out_of_order"] = result["gaps"]
     return result

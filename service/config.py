@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     """With Redis: events a replica holds for its running tasks while Redis is down; past it those tasks fail."""
     redis_max_connections: int = Field(default=100, ge=4, le=10_000)
     """With Redis: connections of this replica's shared pool (two blocking readers have their own); a command that
-    finds them all busy waits for one, up to 5 s, then answers 503."""
+    finds them all busy waits for one, up to 5 s, then fails as if Redis were unreachable."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     """How long running tasks may go on after SIGTERM before they are cancelled and stored as interrupted."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from service.adapters.redis.client import connect
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -112,3 +114,14 @@ async def emptied(server: RedisServer) -> str:
     finally:
         await client.aclose()
     return server.url
+
+
+async def service_connections(server: RedisServer) -> int:
+    """The server's connections opened by the service's clients (they name themselves ``alex-server``), counted
+    by a client that does not."""
+    observer = Redis.from_url(server.url, decode_responses=True)
+    try:
+        clients = await observer.client_list()
+    finally:
+        await observer.aclose()
+    return sum(1 for client in clients if client.get("name") == "alex-server")

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 from service.domain.events import Event, StoredEvent
 from service.domain.models import Session, Task, TaskStatus, Todo
 
-LOG_UNAVAILABLE = "redis_unavailable"
-"""The close reason of a subscription whose session cannot be read or followed for now: the log's store is
-unreachable (only Redis can be), and the reader resumes from its last id later or on another replica."""
+STORE_UNAVAILABLE = "store_unavailable"
+"""Why a stream ended whose stored events could not be read (``read_after`` raised ``Unavailable``: Redis did not
+answer, or SQLite lost a write). Its client resumes from its last id, later or on another replica."""
 
 
 class Subscription(Protocol):

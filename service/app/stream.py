@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Callable
 
-from service.app.ports import LOG_UNAVAILABLE, EventLog
+import structlog
+
+from service.app.ports import STORE_UNAVAILABLE, EventLog
 from service.domain.errors import Unavailable
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
 
 REPLAY_PAGE = 500
+
+log = structlog.get_logger("service.sse")
 
 
 class LogSink:
@@ -139,7 +143,7 @@ class SessionFeed:
     async def next(self) -> list[StoredEvent]:
         """The next events for the reader, oldest first: a page of stored ones while the replay lasts, then every
         live one pending (waiting for one); ``[]`` once the feed has ended, also when the stored events cannot be
-        read for now (``close_reason`` :data:`~service.app.ports.LOG_UNAVAILABLE`).
+        read for now (``close_reason`` :data:`~service.app.ports.STORE_UNAVAILABLE`).
 
         Once :attr:`live` is true, a call only waits for live events: cancelling it then loses nothing (they stay
         pending for the next call).
@@ -148,10 +152,12 @@ class SessionFeed:
         if not self.live:
             try:
                 page = await self._log.read_after(self._session_id, subscription.last_id, REPLAY_PAGE)
-            except Unavailable:
-                # The stored events cannot be read now. Skipping them would leave a hole: the feed ends instead,
-                # and its reader resumes from its last id once they can be read (here or on another replica).
-                subscription.close(LOG_UNAVAILABLE)
+            except Unavailable as exc:
+                # Skipping what cannot be read would leave a hole the client never hears of: the feed ends
+                # instead, and its reader resumes from its last id (here or on another replica).
+                log.warning("event_replay_failed", session_id=self._session_id, after_id=subscription.last_id,
+                            error=str(exc))
+                subscription.close(STORE_UNAVAILABLE)
                 return []
             if len(page) < REPLAY_PAGE:
                 self.live = True

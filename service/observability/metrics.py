@@ -10,7 +10,8 @@ SSE streams (``GET /api/sse``)
     ``alex_sse_connections_limit``                  gauge      ``ALEX_MAX_STREAMS``: more are refused with 503
     ``alex_sse_connections_opened_total``           counter    streams opened
     ``alex_sse_connections_closed_total``           counter    {reason}: client_gone, slow_client, draining,
-                                                               session_deleted, stalled, redis_unavailable
+                                                               session_deleted, stalled, redis_unavailable,
+                                                               store_unavailable
     ``alex_sse_connections_rejected_total``         counter    {reason}: client_cap, server_cap
     ``alex_sse_events_sent_total``                  counter    {event_type}: events written to streams
     ``alex_sse_events_dropped_total``               counter    {reason}: slow_client (buffer overflow), stalled
@@ -87,7 +88,8 @@ GENAI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 
 GENAI_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 ITERATION_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 100)
 
-SSE_CLOSE_REASONS = ("client_gone", "slow_client", "draining", "session_deleted", "stalled", "redis_unavailable")
+SSE_CLOSE_REASONS = ("client_gone", "slow_client", "draining", "session_deleted", "stalled", "redis_unavailable",
+                     "store_unavailable")
 SSE_DROP_REASONS = ("slow_client", "stalled")
 SSE_REJECT_REASONS = ("client_cap", "server_cap")
 TASK_OUTCOMES = ("completed", "failed", "cancelled", "interrupted")

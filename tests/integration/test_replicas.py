@@ -49,7 +49,7 @@ from tests.integration.replicas import (
     wait_for_async,
 )
 from tests.integration.test_lifecycle import kill_leftovers, processes_matching, sleep_command
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, service_connections
 
 pytestmark = pytest.mark.integration
 
@@ -420,6 +420,8 @@ async def test_streams_replaying_at_once_beyond_the_redis_pool_wait_for_it_and_g
                     return await take_until_terminal(stream, task_id)
 
             replays = await asyncio.gather(*(replay() for _ in range(60)))
+            # The pool kept to its size: 4, and the event and queue readers' own.
+            assert await service_connections(redis) <= 4 + 2
     assert stored[-1]["event_type"] == "task_complete"
     assert steps_seen(stored, marker) == [1, 2, 3]
     for events in replays:

@@ -26,7 +26,8 @@ from service.adapters.store.memory import MemoryEventLog, MemorySessionStore
 from service.adapters.store.sqlite import SqliteDatabase
 from service.adapters.store.sqlite_events import CRASH_ID_GAP, SqliteEventLog
 from service.adapters.store.sqlite_sessions import SqliteSessionStore
-from service.app.ports import EventLog, SessionStore, Subscription
+from service.app.ports import STORE_UNAVAILABLE, EventLog, SessionStore, Subscription
+from service.app.stream import SessionFeed
 from service.domain.errors import Unavailable
 from service.domain.events import StoredEvent, Thinking, ToolCallStart
 from service.domain.models import Session, Task, TaskStatus, Todo, TodoStatus
@@ -671,6 +672,23 @@ async def test_sqlite_gives_up_a_batch_loudly_and_goes_on(
         blocker.execute("COMMIT")
         kept = await log.append(thinking("s1", 1))
         assert await log.read_after("s1", 0, 100) == [kept]
+
+
+async def test_a_stream_whose_replay_waited_on_a_lost_batch_ends_for_a_resume(
+    locked_sqlite: tuple[SqliteEventLog, sqlite3.Connection],
+) -> None:
+    log, blocker = locked_sqlite
+    with structlog.testing.capture_logs() as logs:
+        await log.append(thinking("s1", 0))
+        feed = SessionFeed(log, "s1", 0, 100)
+        assert await feed.next() == []  # ended, not an error out of the stream
+        assert (feed.close_reason, feed.last_id) == (STORE_UNAVAILABLE, 0)
+    assert next(entry for entry in logs if entry["event"] == "event_replay_failed")["session_id"] == "s1"
+    blocker.execute("COMMIT")
+    kept = await log.append(thinking("s1", 1))
+    resumed = SessionFeed(log, "s1", feed.last_id, 100)
+    assert await resumed.next() == [kept]
+    resumed.close()
 
 
 @pytest.fixture

@@ -33,13 +33,12 @@ from redis.asyncio import Redis
 from service.adapters.broker.memory import BufferedSubscription, MemoryBroker
 from service.adapters.jsoncodec import dumps_text
 from service.adapters.redis.client import BLOCK_SECONDS, UNREACHABLE, ControlBus, Keys, reachable, stop
-from service.app.ports import LOG_UNAVAILABLE
 from service.domain.errors import Unavailable
 from service.domain.events import TERMINAL_EVENT_TYPES, Event, StoredEvent
 
 log = structlog.get_logger("service.redis.events")
 
-REDIS_UNAVAILABLE = LOG_UNAVAILABLE
+REDIS_UNAVAILABLE = "redis_unavailable"
 SESSION_DELETED = "session_deleted"
 ID_SLOT = '"id":""'
 """Where the id goes in a stored event's JSON (the envelope's ``id`` is its second key)."""

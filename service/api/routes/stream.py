@@ -38,7 +38,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
 CLIENT_GONE = "client_gone"
-_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable"})
+_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable", "store_unavailable"})
 
 
 class SessionStreamResponse(EventStreamResponse):
