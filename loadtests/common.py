@@ -80,11 +80,16 @@ def service_environment(data_dir: Path, secret: str, **overrides: str) -> dict[s
 
 
 class Child:
-    """A child process that speaks JSON lines on stdout and takes commands on stdin; stderr goes to a file."""
+    """A child process that speaks JSON lines on stdout and takes commands on stdin; stderr goes to a file.
+
+    ``reads_input``: the child stops at the end of its input (the benchmark's own servers and clients); the
+    service itself does not, and is sent SIGTERM at once, as a deployment stops it.
+    """
 
     def __init__(self, command: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-                 cpu: int | None = None) -> None:
+                 cpu: int | None = None, reads_input: bool = True) -> None:
         self.log = log
+        self.reads_input = reads_input
         self._log_file = log.open("wb")
         self.process = subprocess.Popen(
             pinned(command, cpu), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file,
@@ -153,14 +158,14 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End of input (the servers' cue to stop), then SIGTERM, then SIGKILL."""
+        """End of input (the cue of a child that reads it), then SIGTERM, then SIGKILL."""
         process = self.process
         with contextlib.suppress(OSError, ValueError):
             if process.stdin is not None:
                 process.stdin.close()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                process.wait(timeout)
+                process.wait(timeout if self.reads_input or sig is signal.SIGKILL else 0.01)
                 break
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):

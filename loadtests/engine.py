@@ -1,7 +1,7 @@
 """Engine overhead: tasks per second on one process, and the service's own time per ReAct iteration, with a model
 and tools that cost (next to) nothing.
 
-    .venv/bin/python -m loadtests.engine                      # 32 tasks in flight for 20 s, then 100 tasks one by one
+    .venv/bin/python -m loadtests.engine          # 32 tasks in flight for 3 windows of 10 s, then 100 one by one
 
 The model is the mock, scripted (``ALEX_MOCK_SCRIPT``) with no delay: three turns that each say one word and call
 two tools (``list_files`` on the task's empty workspace and ``todo_read``), then an answer: four iterations, six
@@ -9,8 +9,10 @@ tool calls and thirty events per task, every one of them stored and streamed to 
 
 1. Throughput. The service runs pinned to one core, as ``alex-server serve`` runs it; the client, pinned to the
    other core, keeps ``--concurrency`` tasks in flight: each opens a stream on a new session, submits a task there,
-   reads its events up to ``task_complete``, and starts over. Tasks per second count the tasks that finished in the
-   measured window. Every task's stream must hold its thirty events, each once and in order; afterwards the
+   reads its events up to ``task_complete``, and starts over. Tasks per second count the tasks that finished in
+   each of ``--windows`` measured windows of ``--seconds``, one after the other; the figure is their median, as
+   the fan-out's is the median of its turns (these hosts' speed swings by a tenth or more within a minute, and
+   one window is a draw). Every task's stream must hold its thirty events, each once and in order; afterwards the
    first 300 sessions' streamed events are compared with their stored ones, read back through the API.
 2. Own time. A second server, exporting its spans to a collector in this process (OTLP/HTTP), runs ``--sequential``
    tasks one at a time. For each ``iteration`` span, the service's own time is its duration minus the ``chat`` and
@@ -83,10 +85,13 @@ class ClientPlan:
     secret: str
     concurrency: int
     seconds: float
+    """Of each measured window."""
     warmup: float
     tasks: int = 0
     """When set, run exactly this many tasks (one at a time per worker) instead of for ``seconds``."""
     verify: int = 300
+    windows: int = 1
+    """Measured windows of ``seconds`` one after the other; tasks/s is their median."""
 
 
 @dataclass
@@ -131,7 +136,7 @@ async def run_client(plan: ClientPlan) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=plan.concurrency * 2, max_keepalive_connections=plan.concurrency * 2)
     async with httpx.AsyncClient(base_url=plan.url, limits=limits, timeout=60.0) as http:
         started = time.monotonic()
-        deadline = started + plan.warmup + plan.seconds
+        deadline = started + plan.warmup + plan.seconds * plan.windows
         remaining = plan.tasks
 
         async def worker(index: int) -> None:
@@ -147,16 +152,22 @@ async def run_client(plan: ClientPlan) -> dict[str, Any]:
                     errors.append(f"{type(exc).__name__}: {exc}")
 
         await asyncio.gather(*(worker(n) for n in range(plan.concurrency)))
-        window = (started + plan.warmup, deadline)
-        counted = [r for r in runs if window[0] <= r.finished <= window[1]] if not plan.tasks else runs
-        seconds = plan.seconds if not plan.tasks else max(r.finished for r in runs) - min(r.started for r in runs)
+        measured_from = started + plan.warmup
+        counted = [r for r in runs if measured_from <= r.finished <= deadline] if not plan.tasks else runs
+        seconds = (plan.seconds * plan.windows if not plan.tasks
+                   else max(r.finished for r in runs) - min(r.started for r in runs))
         mismatched = await verify(http, plan, runs[: plan.verify])
+    # Each window's rate: a host whose speed swings for a few seconds moves one window, not the median.
+    rates = [round(sum(1 for r in counted if edge <= r.finished < edge + plan.seconds) / plan.seconds, 1)
+             for edge in (measured_from + n * plan.seconds for n in range(plan.windows))] if not plan.tasks else []
     durations = sorted(r.finished - r.started for r in counted)
     return {
         "state": "done",
         "tasks": len(counted),
         "tasks_run": len(runs),
-        "tasks_per_second": round(len(counted) / seconds, 1) if seconds > 0 else 0.0,
+        "tasks_per_second": statistics.median(rates) if rates else (round(len(counted) / seconds, 1)
+                                                                   if seconds > 0 else 0.0),
+        "window_rates": rates,
         "events_per_second": round(sum(len(r.ids) for r in counted) / seconds, 1) if seconds > 0 else 0.0,
         "task_p50_ms": round(percentile(durations, 0.5) * 1000, 2),
         "task_p99_ms": round(percentile(durations, 0.99) * 1000, 2),
@@ -245,7 +256,8 @@ def serve(folder: Path, secret: str, name: str, **env: str) -> Child:
     data = data_folder(folder, name)
     environment = service_environment(data, secret, ALEX_MOCK_SCRIPT=str(script), ALEX_MOCK_DELAY_MS="0",
                                       **LIMITS, **env)
-    return Child(module("service"), log=folder / f"{name}-server.log", env=environment, cpu=SERVER_CPU)
+    return Child(module("service"), log=folder / f"{name}-server.log", env=environment, cpu=SERVER_CPU,
+                 reads_input=False)
 
 
 def listening_url(server: Child, timeout: float = 60) -> str:
@@ -270,7 +282,7 @@ def run_phase(folder: Path, plan: ClientPlan, name: str, profile: Path | None = 
         profiler = Profiler(server.process.pid, profile) if profile is not None else None
         with Child([*module("loadtests.engine"), "client", json.dumps(asdict(plan))],
                    log=folder / f"{name}-client.log", cpu=CLIENT_CPU) as client:
-            result = client.expect("done", plan.warmup + plan.seconds + 600)
+            result = client.expect("done", plan.warmup + plan.seconds * plan.windows + 600)
         cpu = server.cpu_seconds() - cpu_before
         if profiler is not None:
             profiler.stop()
@@ -282,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=32, help="tasks in flight (default 32)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds (default 20)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of each measured window (default 10)")
+    parser.add_argument("--windows", type=int, default=3,
+                        help="measured windows, one after the other; tasks/s is their median (default 3)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the measure (default 3)")
     parser.add_argument("--sequential", type=int, default=100, help="tasks run one by one for own time (default 100)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder with the servers' logs")
@@ -290,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="record the throughput server with py-spy; the raw profile goes to this file")
     args = parser.parse_args(argv)
     with scratch(args.keep) as folder:
-        plan = ClientPlan("", new_secret(), args.concurrency, args.seconds, args.warmup)
+        plan = ClientPlan("", new_secret(), args.concurrency, args.seconds, args.warmup, windows=args.windows)
         throughput, cpu = run_phase(folder, plan, "throughput", args.profile)
-        print(f"  throughput: {throughput['tasks_per_second']} tasks/s", file=sys.stderr, flush=True)
+        print(f"  throughput: {throughput['tasks_per_second']} tasks/s (median of the windows "
+              f"{', '.join(str(rate) for rate in throughput['window_rates'])})", file=sys.stderr, flush=True)
         collector = SpanCollector()
         try:
             sequential = ClientPlan("", new_secret(), 1, 0.0, 0.0, tasks=args.sequential, verify=0)
@@ -308,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine()}")
     print()
     print(table(["figure", "value"], [
-        ("tasks/s (32 in flight)" if args.concurrency == 32 else f"tasks/s ({args.concurrency} in flight)",
-         f"{throughput['tasks_per_second']:.1f}"),
+        (f"tasks/s ({args.concurrency} in flight), median of {args.windows} windows of {args.seconds:g} s",
+         f"{throughput['tasks_per_second']:.1f} ({' / '.join(f'{rate:.1f}' for rate in throughput['window_rates'])})"),
         ("events/s stored and streamed", f"{throughput['events_per_second']:,.0f}"),
         ("task duration p50 / p99 (submit to task_complete)", f"{throughput['task_p50_ms']} / "
                                                                 f"{throughput['task_p99_ms']} ms"),

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     with scratch(args.keep) as folder:
         secret = new_secret()
         env = service_environment(data_folder(folder, "first"), secret, **LIMITS)
-        with Child(module("service"), log=folder / "first-server.log", env=env, cpu=SERVER_CPU) as server:
+        with Child(module("service"), log=folder / "first-server.log", env=env, cpu=SERVER_CPU,
+                   reads_input=False) as server:
             plan = Plan(listening_url(server), secret, args.sessions, args.rate, args.seconds)
             with Child([*module("loadtests.first_event"), "client", json.dumps(asdict(plan))],
                        log=folder / "first-client.log", cpu=CLIENT_CPU) as client:
