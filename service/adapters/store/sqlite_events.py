@@ -42,7 +42,7 @@ GROUP_COMMIT_SECONDS = 0.02
 """The shortest time from the start of one transaction to the start of the next, in which appends gather. Live
 delivery does not wait for it, nor does a reader that waits for rows (it cuts the gathering short). What it costs:
 an unclean stop (a killed process) loses the events of the last window, which clients may have seen live (ids
-then jump by :data:`CRASH_ID_GAP`, so none is given twice). What it saves, measured in ``loadtests/RESULTS.md``:
+then jump by :data:`CRASH_ID_GAP`, so none is given twice). What it saves, measured in ``loadtests/HISTORY.md``:
 against a write per wake-up from idle, +8 % tasks/s and half the service's own time per iteration; from 5 ms to
 20 ms, 3-4 us of CPU per event at 7,000-19,000 events/s over 100 sessions (a sixth of what appending an event
 costs): each session's rows dirty their own page of the session index, so the cost of a transaction grows with
