@@ -326,7 +326,9 @@ async def test_a_waiting_reader_may_take_each_event_as_it_is_published(backend: 
     reading = asyncio.create_task(subscription.next_batch())
     await asyncio.sleep(0.01)
     taken = [(await backend.log.append(thinking("s1", n))).id for n in range(3)]
-    await asyncio.sleep(0.05)  # a replica's reader hands them on a moment later
+    async with asyncio.timeout(5):
+        while len(offered) < len(taken):  # noqa: ASYNC110  (a replica's reader hands them on a moment later)
+            await asyncio.sleep(0.005)
     assert offered == taken
     assert (subscription.last_id, subscription.offered) == (taken[-1], 3), "the reader's place moved with them"
     assert subscription.pending == 0
