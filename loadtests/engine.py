@@ -161,6 +161,7 @@ async def run_client(plan: ClientPlan) -> dict[str, Any]:
     rates = [round(sum(1 for r in counted if edge <= r.finished < edge + plan.seconds) / plan.seconds, 1)
              for edge in (measured_from + n * plan.seconds for n in range(plan.windows))] if not plan.tasks else []
     durations = sorted(r.finished - r.started for r in counted)
+    not_whole = [r.session_id for r in runs if not streamed_whole(r)]
     return {
         "state": "done",
         "tasks": len(counted),
@@ -173,8 +174,8 @@ async def run_client(plan: ClientPlan) -> dict[str, Any]:
         "task_p99_ms": round(percentile(durations, 0.99) * 1000, 2),
         "not_completed": sum(1 for r in runs if r.terminal != "task_complete"),
         "events_per_task": sorted({len(r.ids) for r in runs}),
-        "not_whole": [r.session_id for r in runs if not streamed_whole(r)][:10],
-        "not_whole_count": sum(1 for r in runs if not streamed_whole(r)),
+        "not_whole": not_whole[:10],
+        "not_whole_count": len(not_whole),
         "verified": min(len(runs), plan.verify),
         "mismatched": mismatched,
         "errors": errors[:10],

@@ -22,6 +22,7 @@ from service.api.problems import ApiError, problem_responses
 from service.api.sse import STALLED, EventStreamResponse, WritePacer
 from service.api.telemetry import request_started
 from service.app.access import Principal
+from service.app.ports import STORE_UNAVAILABLE
 from service.app.sessions import SessionService, StreamsFull
 from service.app.stream import SessionFeed
 from service.container import Container
@@ -38,7 +39,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SEND_TIMEOUT_FACTOR = 2
 """A client that takes this many heartbeat intervals to accept one write is gone; its connection is dropped."""
 CLIENT_GONE = "client_gone"
-_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable", "store_unavailable"})
+_SERVER_REASONS = frozenset({"slow_client", "draining", "session_deleted", "redis_unavailable", STORE_UNAVAILABLE})
 
 
 class SessionStreamResponse(EventStreamResponse):
